@@ -1,0 +1,1 @@
+"""jobcell: one short-lived, memory-capped container per document."""

@@ -1,0 +1,210 @@
+"""The size-class table (which memory tier a document gets) and memory-budget admission. Pure."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tomllib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .models import MIB, Running
+
+_UNITS = {"b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": MIB, "mb": 1000**2, "mib": MIB,
+          "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_bytes(value: Any) -> int:
+    """'512MiB', '1GiB', '5MB', 1048576 -> bytes."""
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower().replace(" ", "")
+    digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(digits):] or "b"
+    if unit not in _UNITS or not digits:
+        raise ValueError(f"{value!r} is not a size: write e.g. 512MiB, 1GiB or 5MB")
+    return int(float(digits) * _UNITS[unit])
+
+
+def parse_seconds(value: Any) -> float:
+    """'10min', '90s', '1h', 600 -> seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    text = str(value).strip().lower().replace(" ", "")
+    digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(digits):] or "s"
+    if unit not in _SECONDS or not digits:
+        raise ValueError(f"{value!r} is not a duration: write e.g. 90s, 10min or 1h")
+    return float(digits) * _SECONDS[unit]
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 1024**3), ("MiB", MIB), ("KiB", 1024)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} B"
+
+
+class SizeClass(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,30}$")]
+    max_input_bytes: int | None = None  # exclusive upper bound; None on the last class
+    memory_limit_bytes: Annotated[int, Field(ge=6 * MIB)]  # Docker refuses less than 6 MiB
+    max_running: Annotated[int, Field(ge=1)]
+    timeout_s: Annotated[float, Field(gt=0)]
+
+    @field_validator("max_input_bytes", "memory_limit_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> Any:
+        return None if v is None else parse_bytes(v)
+
+    @field_validator("timeout_s", mode="before")
+    @classmethod
+    def _seconds(cls, v: Any) -> Any:
+        return parse_seconds(v)
+
+    @property
+    def memory_mib(self) -> int:
+        return self.memory_limit_bytes // MIB
+
+
+class SizeClassTable(BaseModel):
+    """Classes ordered by input size; the order is also the escalation order after an OOM."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    classes: Sequence[SizeClass]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SizeClassTable:
+        cs = list(self.classes)
+        if not cs:
+            raise ValueError("the table has no classes: define at least one")
+        names = [c.name for c in cs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"class names must be unique, got {names}")
+        for c in cs[:-1]:
+            if c.max_input_bytes is None:
+                raise ValueError(f"class {c.name!r} needs max_input_bytes: only the last class may be open-ended")
+        if cs[-1].max_input_bytes is not None:
+            raise ValueError(f"the last class {cs[-1].name!r} must have no max_input_bytes (it takes the rest)")
+        for a, b in itertools.pairwise(cs):
+            if a.max_input_bytes is not None and b.max_input_bytes is not None \
+                    and b.max_input_bytes <= a.max_input_bytes:
+                raise ValueError(f"max_input_bytes must grow: {a.name!r} then {b.name!r}")
+            if b.memory_limit_bytes <= a.memory_limit_bytes:
+                raise ValueError(
+                    f"memory limits must grow so that an OOM retry gets more: "
+                    f"{a.name!r} has {format_bytes(a.memory_limit_bytes)}, "
+                    f"{b.name!r} has {format_bytes(b.memory_limit_bytes)}")
+        return self
+
+    def __iter__(self) -> Iterable[SizeClass]:  # type: ignore[override]
+        return iter(self.classes)
+
+    def get(self, name: str) -> SizeClass:
+        for c in self.classes:
+            if c.name == name:
+                return c
+        raise KeyError(f"no size class named {name!r}; known: {[c.name for c in self.classes]}")
+
+    def for_size(self, n_bytes: int) -> SizeClass:
+        for c in self.classes:
+            if c.max_input_bytes is None or n_bytes < c.max_input_bytes:
+                return c
+        return self.classes[-1]
+
+    def next_tier(self, name: str) -> SizeClass | None:
+        names = [c.name for c in self.classes]
+        i = names.index(name)
+        return self.classes[i + 1] if i + 1 < len(names) else None
+
+    @property
+    def top(self) -> SizeClass:
+        return self.classes[-1]
+
+
+DEFAULT_TABLE: list[dict[str, Any]] = [
+    {"name": "small", "max_input_bytes": "5MB", "memory_limit_bytes": "512MiB", "max_running": 15,
+     "timeout_s": "10min"},
+    {"name": "medium", "max_input_bytes": "20MB", "memory_limit_bytes": "1GiB", "max_running": 5,
+     "timeout_s": "30min"},
+    {"name": "large", "max_input_bytes": None, "memory_limit_bytes": "2GiB", "max_running": 1,
+     "timeout_s": "60min"},
+]
+
+
+def _explain(err: ValidationError, origin: str) -> ConfigError:
+    lines = [f"invalid size-class table ({origin}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "table"
+        lines.append(f"  - {where}: {e['msg']}")
+    lines.append("Fix the table (see `jobcell classes` for the expected shape) and start again.")
+    return ConfigError("\n".join(lines))
+
+
+def load_table(raw: Any, origin: str = "defaults") -> SizeClassTable:
+    """Validate a table given as a list of classes or {"classes": [...]}; raise ConfigError saying what to fix."""
+    data = raw if isinstance(raw, dict) else {"classes": raw}
+    try:
+        return SizeClassTable.model_validate(data)
+    except ValidationError as err:
+        raise _explain(err, origin) from None
+
+
+def load_table_from(text: str | None, path: str | None) -> SizeClassTable:
+    """The table from JSON text (env), a .toml/.json file, or the defaults, in that order."""
+    if text:
+        try:
+            return load_table(json.loads(text), "JOBCELL_CLASSES")
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"JOBCELL_CLASSES is not valid JSON: {e}") from None
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"JOBCELL_CLASSES_FILE={path} does not exist: point it at a .toml or .json table")
+        try:
+            raw = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} cannot be parsed: {e}") from None
+        return load_table(raw, str(p))
+    return load_table(DEFAULT_TABLE)
+
+
+def check_budget(table: SizeClassTable, budget_bytes: int) -> None:
+    """Refuse a budget that could never admit the top tier: its jobs would wait forever."""
+    if budget_bytes < table.top.memory_limit_bytes:
+        raise ConfigError(
+            f"the memory budget ({format_bytes(budget_bytes)}) is smaller than the {table.top.name!r} class "
+            f"limit ({format_bytes(table.top.memory_limit_bytes)}): raise JOBCELL_MEMORY_BUDGET "
+            f"or lower that class's memory_limit_bytes")
+
+
+class Admission:
+    """Whether a job may start now: a free slot in its tier AND room in the memory budget."""
+
+    def __init__(self, table: SizeClassTable, budget_bytes: int, running: Iterable[Running]) -> None:
+        self.table = table
+        self.budget_bytes = budget_bytes
+        self.slots: dict[str, int] = {c.name: 0 for c in table.classes}
+        self.used_bytes = 0
+        for r in running:
+            self.slots[r.tier] = self.slots.get(r.tier, 0) + 1
+            self.used_bytes += r.memory_limit_bytes
+
+    def fits(self, tier: str) -> bool:
+        c = self.table.get(tier)
+        return self.slots[tier] < c.max_running and self.used_bytes + c.memory_limit_bytes <= self.budget_bytes
+
+    def take(self, tier: str) -> None:
+        self.slots[tier] += 1
+        self.used_bytes += self.table.get(tier).memory_limit_bytes

@@ -1,0 +1,237 @@
+"""`jobcell` command line: migrate, classes, submit, run, cancel, status, show."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from .classes import SizeClassTable, format_bytes
+from .errors import JobcellError
+from .models import JobState, NewJob
+from .queue import PostgresQueue
+from .settings import Settings, load_settings
+from .wiring import build_dispatcher, build_queue, build_store
+
+log = logging.getLogger("jobcell")
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header))] + [["-" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def _minutes(s: float) -> str:
+    return f"{s / 60:g} min" if s >= 60 else f"{s:g} s"
+
+
+def cmd_classes(s: Settings, a: argparse.Namespace) -> int:
+    t = s.table()
+    if a.json:
+        print(json.dumps([c.model_dump() for c in t.classes], indent=2))
+        return 0
+    rows = [(c.name, f"< {format_bytes(c.max_input_bytes)}" if c.max_input_bytes else "rest",
+             format_bytes(c.memory_limit_bytes), c.max_running, _minutes(c.timeout_s)) for c in t.classes]
+    print(_table(rows, ["class", "input bytes", "memory limit", "max running", "timeout"]))
+    return 0
+
+
+def cmd_migrate(s: Settings, a: argparse.Namespace) -> int:
+    q = build_queue(s)
+    applied = q.migrate()
+    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+    return 0
+
+
+def _parse_diag(spec: str) -> dict[str, Any]:
+    """'alloc_mib=700,sleep_s=1,exit_code=0' -> params of the job image's diagnostic workload."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise JobcellError(f"--diag {spec!r}: expected key=value pairs such as alloc_mib=700,sleep_s=1")
+        out[key] = value if key == "message" else float(value) if "." in value else int(value)
+    return out
+
+
+def cmd_submit(s: Settings, a: argparse.Namespace) -> int:
+    table = s.table()
+    if a.size_class:
+        table.get(a.size_class)
+    q = build_queue(s)
+    ids = []
+    sources = [f"diag:{a.diag}"] if a.diag is not None else a.paths
+    if not sources:
+        raise JobcellError("nothing to submit: give one or more paths (or s3:// URIs), or --diag")
+    store = build_store(s) if a.diag is None else None
+    for src in sources:
+        job = _new_job(src, a, table, store)
+        job_id, created = q.submit(job)
+        ids.append(job_id)
+        cls = job.size_class
+        print(f"job {job_id}: {src} ({format_bytes(job.document_bytes)}, {cls})"
+              + ("" if created else " already submitted"))
+    return _wait(q, ids) if a.wait else 0
+
+
+def _new_job(src: str, a: argparse.Namespace, table: SizeClassTable, store: Any) -> NewJob:
+    if store is None:
+        params = _parse_diag(a.diag)
+        return NewJob(document_uri="diag:", document_bytes=0, unique_key=f"diag:{uuid.uuid4()}",
+                      size_class=a.size_class or table.classes[0].name, workload="diag", params=params,
+                      priority=a.priority, max_attempts=a.max_attempts)
+    if src.startswith("s3://"):
+        size, key = store.stat(src)
+        uri = src
+    else:
+        uri, size, key = store.put(src)
+    return NewJob(document_uri=uri, document_bytes=size, unique_key=key,
+                  size_class=a.size_class or table.for_size(size).name, priority=a.priority,
+                  max_attempts=a.max_attempts)
+
+
+def _wait(q: PostgresQueue, ids: list[int]) -> int:
+    seen: dict[int, tuple[str, int]] = {}
+    while True:
+        jobs = q.jobs(ids)
+        for j in jobs:
+            now = (j.state.value, j.attempt)
+            if seen.get(j.id) != now:
+                seen[j.id] = now
+                extra = f": {j.reason}" if j.reason else ""
+                print(f"job {j.id}: {j.state.value} (attempt {j.attempt}, tier {j.tier}){extra}", flush=True)
+        if all(j.state.final for j in jobs):
+            failed = [j.id for j in jobs if j.state is not JobState.SUCCEEDED]
+            print(f"{len(jobs) - len(failed)} succeeded, {len(failed)} failed or cancelled")
+            return 1 if failed else 0
+        time.sleep(0.5)
+
+
+def cmd_run(s: Settings, a: argparse.Namespace) -> int:
+    d = build_dispatcher(s)
+    if a.migrate:
+        d.queue.migrate()  # type: ignore[attr-defined]
+
+    def on_term(signum: int, _frame: Any) -> None:
+        log.info("%s received: %s", signal.Signals(signum).name,
+                 "draining running jobs" if a.drain else "stop claiming, leave running jobs for adoption")
+        d.stop(drain=a.drain)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    d.run()
+    return 0
+
+
+def cmd_cancel(s: Settings, a: argparse.Namespace) -> int:
+    q = build_queue(s)
+    for job_id in a.ids:
+        state = q.cancel(job_id)
+        print(f"job {job_id}: " + ("cancel requested; its container will be killed" if state == "running"
+                                   else f"{state}"))
+    return 0
+
+
+def _ago(t: datetime | None, now: datetime) -> str:
+    return "-" if t is None else f"{(now - t).total_seconds():.0f} s"
+
+
+def cmd_status(s: Settings, a: argparse.Namespace) -> int:
+    q = build_queue(s)
+    counts = q.counts()
+    classes = [c.name for c in s.table().classes]
+    states = [st.value for st in JobState]
+    grid = {(r["state"], r["size_class"]): r["n"] for r in counts}
+    print(_table([[st, *[grid.get((st, c), 0) for c in classes]] for st in states], ["state", *classes]))
+    running = q.running_jobs()
+    now = q.now()
+    print()
+    if running:
+        print(_table([(r["id"], r["tier"], format_bytes(r["memory_limit_bytes"]), r["attempt"], r["pool"],
+                       r["lease_owner"], _ago(r["started_at"], now)) for r in running],
+                     ["running", "tier", "limit", "attempt", "pool", "dispatcher", "for"]))
+    else:
+        print("no job running")
+    by_pool: dict[str, int] = {}
+    for r in running:
+        by_pool[r["pool"]] = by_pool.get(r["pool"], 0) + r["memory_limit_bytes"]
+    for pool, used in sorted(by_pool.items()):
+        budget = f" of {format_bytes(a.budget)}" if a.budget else ""
+        print(f"pool {pool}: {format_bytes(used)}{budget} of memory limits in use")
+    return 0
+
+
+def cmd_show(s: Settings, a: argparse.Namespace) -> int:
+    q = build_queue(s)
+    j = q.get(a.id)
+    print(f"job {j.id}: {j.state.value}  class {j.size_class}  tier {j.tier}  attempts {j.attempt}/{j.max_attempts}")
+    print(f"document: {j.document_uri} ({format_bytes(j.document_bytes)}), workload {j.workload}")
+    if j.reason:
+        print(f"reason: {j.reason}")
+    rows = [(r["attempt"], r["tier"], format_bytes(r["memory_limit_bytes"]), r["outcome"] or "running",
+             r["exit_code"], format_bytes(r["peak_memory_bytes"]),
+             None if r["duration_s"] is None else f"{r['duration_s']:.1f} s", r["error"] or r["kill_reason"])
+            for r in q.attempts(j.id)]
+    if rows:
+        print()
+        print(_table(rows, ["attempt", "tier", "limit", "outcome", "exit", "peak", "duration", "reason"]))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobcell", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="create or upgrade the queue schema (idempotent)").set_defaults(fn=cmd_migrate)
+    c = sub.add_parser("classes", help="print the size-class table")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_classes)
+    sm = sub.add_parser("submit", help="store documents and enqueue one job each")
+    sm.add_argument("paths", nargs="*", metavar="PATH|s3://bucket/key")
+    sm.add_argument("--priority", type=int, default=0, help="higher runs first")
+    sm.add_argument("--wait", action="store_true", help="show progress until every job ends; non-zero if any failed")
+    sm.add_argument("--class", dest="size_class", help="force a size class instead of choosing by size")
+    sm.add_argument("--max-attempts", type=int, default=None)
+    sm.add_argument("--diag", metavar="SPEC", help="a diagnostic job instead of a document: "
+                    "alloc_mib=N,sleep_s=S,exit_code=C,message=TEXT")
+    sm.set_defaults(fn=cmd_submit)
+    r = sub.add_parser("run", help="run the dispatcher")
+    r.add_argument("--drain", action="store_true", help="on SIGTERM, wait for running jobs instead of leaving them")
+    r.add_argument("--migrate", action="store_true", help="apply migrations first")
+    r.set_defaults(fn=cmd_run)
+    cn = sub.add_parser("cancel", help="cancel jobs; a running one is killed within seconds")
+    cn.add_argument("ids", nargs="+", type=int)
+    cn.set_defaults(fn=cmd_cancel)
+    st = sub.add_parser("status", help="counts by state and class, running jobs, memory in use")
+    st.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)
+    st.set_defaults(fn=cmd_status)
+    sh = sub.add_parser("show", help="a job and every attempt")
+    sh.add_argument("id", type=int)
+    sh.set_defaults(fn=cmd_show)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        s = load_settings()
+        if getattr(a, "max_attempts", 0) is None:
+            a.max_attempts = s.max_attempts
+        return int(a.fn(s, a))
+    except (JobcellError, KeyError) as e:
+        print(f"jobcell: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

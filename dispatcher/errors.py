@@ -1,0 +1,17 @@
+"""Errors a user can act on. Each message says what is wrong and what to change."""
+
+
+class JobcellError(Exception):
+    """Base class for jobcell's own errors."""
+
+
+class ConfigError(JobcellError):
+    """A setting or the size-class table is invalid; raised at start, before any job runs."""
+
+
+class SubmitError(JobcellError):
+    """A document cannot be submitted (missing file, unreadable S3 object...)."""
+
+
+class NotFound(JobcellError):
+    """No job with that id."""

@@ -1,0 +1,209 @@
+"""The dispatcher: claim, launch, watch, heartbeat, reconcile. Talks only to the Queue and Runtime ports."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .classes import SizeClassTable, format_bytes
+from .models import Exit, Handle, JobState, KillReason, LaunchSpec, Outcome
+from .outcome import Backoff, classify, decide
+from .ports import Claimed, Finish, Queue, Runtime
+
+log = logging.getLogger("jobcell.dispatcher")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    owner: str
+    pool: str
+    budget_bytes: int
+    poll_s: float = 1.0
+    heartbeat_s: float = 10.0
+    reconcile_s: float = 5.0
+    max_claim: int = 32
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+@dataclass
+class Watched:
+    spec: LaunchSpec
+    max_attempts: int
+    handle: Handle | None
+    started: float  # wall clock, so that an adopted unit keeps its original deadline
+    killing: KillReason | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.spec.job_id, self.spec.attempt
+
+
+class Dispatcher:
+    def __init__(self, queue: Queue, runtime: Runtime, table: SizeClassTable, config: LoopConfig,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.queue = queue
+        self.runtime = runtime
+        self.table = table
+        self.cfg = config
+        self.clock = clock
+        self.watched: dict[tuple[int, int], Watched] = {}
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.draining = False
+        self._next_heartbeat = 0.0
+        self._next_reconcile = 0.0
+        self._errors = 0
+
+    # -- main loop ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until stop(): with drain, wait for running units; without, leave them for the next dispatcher."""
+        log.info("dispatcher %s started: pool %s, memory budget %s, runtime %s", self.cfg.owner, self.cfg.pool,
+                 format_bytes(self.cfg.budget_bytes), self.runtime.name)
+        self.queue.watch(self.wake.set)
+        self.runtime.watch(self.wake.set)
+        while not (self.stopping.is_set() and (not self.draining or not self.watched)):
+            delay = self.cfg.poll_s
+            try:
+                self.tick()
+                self._errors = 0
+            except Exception as e:  # database or engine down: back off, keep every unit, lose nothing
+                self._errors += 1
+                delay = min(30.0, 0.5 * 2 ** min(self._errors, 6)) * random.uniform(1.0, 1.25)
+                log.warning("tick failed (%s: %s); retrying in %.1f s", type(e).__name__, e, delay)
+            self.wake.wait(delay)
+            self.wake.clear()
+        if not self.draining:
+            self._leave()
+        log.info("dispatcher %s stopped", self.cfg.owner)
+
+    def stop(self, drain: bool = False) -> None:
+        self.draining = drain
+        self.stopping.set()
+        self.wake.set()
+
+    def tick(self) -> None:
+        now = self.clock()
+        if now >= self._next_reconcile:
+            self.reconcile()
+            self._next_reconcile = now + self.cfg.reconcile_s
+        if now >= self._next_heartbeat:
+            self.heartbeat()
+            self._next_heartbeat = now + self.cfg.heartbeat_s
+        self.watch_units()
+        if not self.stopping.is_set():
+            self.claim_and_launch()
+
+    # -- steps ----------------------------------------------------------------------------------------
+
+    def claim_and_launch(self) -> None:
+        for claimed in self.queue.claim(self.cfg.owner, self.cfg.pool, self.cfg.budget_bytes, self.cfg.max_claim):
+            spec = claimed.spec
+            w = Watched(spec, claimed.job.max_attempts, None, self.clock())
+            self.watched[w.key] = w
+            log.info("job %s attempt %s: launching on %s (%s)", spec.job_id, spec.attempt, spec.tier,
+                     format_bytes(spec.memory_limit_bytes))
+            try:
+                w.handle = self.runtime.launch(spec)
+            except Exception as e:
+                log.error("job %s attempt %s: launch failed: %s", spec.job_id, spec.attempt, e)
+                self._finish(w, Exit(exit_code=None, lost=True, reason=f"launch failed: {e}"))
+                raise  # the engine may be down: let the loop back off before claiming more
+            self.queue.started(spec.job_id, spec.attempt, self.runtime.name, w.handle.ref)
+
+    def watch_units(self) -> None:
+        now = self.clock()
+        for w in list(self.watched.values()):
+            if w.handle is None:
+                continue
+            ended = self.runtime.poll(w.handle)
+            if ended is not None:
+                self._finish(w, ended)
+            elif w.killing is None and now - w.started > w.spec.timeout_s:
+                log.warning("job %s attempt %s: past the %s deadline (%.0f s); killing", *w.key, w.spec.tier,
+                            w.spec.timeout_s)
+                self._kill(w, KillReason.DEADLINE)
+
+    def heartbeat(self) -> None:
+        keys = {w.spec.job_id: w for w in self.watched.values()}
+        ours, cancels = self.queue.heartbeat(self.cfg.owner, list(keys))
+        for job_id, w in keys.items():
+            if job_id not in ours:
+                # Our lease was taken back (we were cut off too long): the job may already run elsewhere.
+                log.error("job %s attempt %s: lease lost; killing our unit, its result would be discarded", *w.key)
+                if w.handle:
+                    self.runtime.kill(w.handle)
+                    self.runtime.cleanup(w.handle)
+                del self.watched[w.key]
+            elif job_id in cancels and w.killing is None:
+                log.info("job %s attempt %s: cancel requested; killing", *w.key)
+                self._kill(w, KillReason.CANCEL)
+
+    def reconcile(self) -> None:
+        """Adopt units whose job we may own, kill units whose job moved on, reap leases with no unit."""
+        keep: list[int] = []
+        for h in self.runtime.owned():
+            key = (h.job_id, h.attempt)
+            if key in self.watched:
+                keep.append(h.job_id)
+                continue
+            claimed = self.queue.adopt(self.cfg.owner, self.cfg.pool, h.job_id, h.attempt)
+            if claimed is not None:
+                self._adopt(claimed, h)
+                keep.append(h.job_id)
+            elif self.queue.attempt_is_current(h.job_id, h.attempt):
+                keep.append(h.job_id)  # another live dispatcher's unit
+            else:
+                log.warning("job %s attempt %s: unit belongs to no running attempt; removing it", *key)
+                self.runtime.kill(h)
+                self.runtime.cleanup(h)
+        for job_id in self.queue.reap(self.cfg.pool, keep):
+            log.warning("job %s: lease expired and no unit is left; attempt recorded as lost", job_id)
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _adopt(self, claimed: Claimed, handle: Handle) -> None:
+        started = claimed.started_at.timestamp() if claimed.started_at else self.clock()
+        w = Watched(claimed.spec, claimed.job.max_attempts, handle, started)
+        self.watched[w.key] = w
+        log.info("job %s attempt %s: adopted a running unit (no relaunch)", *w.key)
+
+    def _kill(self, w: Watched, reason: KillReason) -> None:
+        # Recorded before the kill, so that whoever reads the exit knows the SIGKILL was ours, not an OOM.
+        self.queue.mark_killing(w.spec.job_id, w.spec.attempt, reason)
+        w.killing = reason
+        if w.handle:
+            self.runtime.kill(w.handle)
+
+    def _finish(self, w: Watched, ended: Exit) -> None:
+        killed_by = w.killing or self.queue.kill_reason(*w.key)
+        outcome = classify(ended, killed_by)
+        d = decide(outcome, tier=w.spec.tier, attempt=w.spec.attempt, max_attempts=w.max_attempts,
+                   table=self.table, backoff=self.cfg.backoff, exit_reason=ended.reason)
+        result = Finish(job_id=w.spec.job_id, attempt=w.spec.attempt, outcome=outcome, exit=ended,
+                        duration_s=max(0.0, self.clock() - w.started), next_state=d.state.value,
+                        next_tier=d.tier, delay_s=d.delay_s, reason=d.reason)
+        if self.queue.finish(self.cfg.owner, result):
+            level = logging.INFO if outcome is Outcome.SUCCEEDED or d.state is not JobState.FAILED else logging.WARNING
+            log.log(level, "job %s attempt %s: %s (exit %s, peak %s) -> %s%s", *w.key, outcome.value,
+                    ended.exit_code, format_bytes(ended.peak_memory_bytes), d.state.value,
+                    f": {d.reason}" if d.reason else "")
+        else:
+            log.warning("job %s attempt %s: ended as %s but the lease was no longer ours; result dropped",
+                        *w.key, outcome.value)
+        if w.handle:
+            self.runtime.cleanup(w.handle)
+        del self.watched[w.key]
+
+    def _leave(self) -> None:
+        """Stop without draining: units keep running and our leases expire now, for prompt adoption."""
+        if self.watched:
+            log.info("leaving %d running unit(s) for the next dispatcher to adopt", len(self.watched))
+        try:
+            self.queue.release(self.cfg.owner)
+        except Exception as e:
+            log.warning("could not release leases (%s); they will expire on their own", e)

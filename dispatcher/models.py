@@ -1,0 +1,154 @@
+"""Plain values shared by the core and the adapters. No driver or runtime is imported here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+MIB = 1024 * 1024
+
+# The job container's exit-code contract (see README "Exit codes").
+EXIT_OK = 0
+EXIT_BAD_INPUT = 65  # EX_DATAERR: permanent, never retried
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: retry on the same tier
+EXIT_SIGKILL = 137  # 128 + SIGKILL
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class Outcome(enum.StrEnum):
+    """How one attempt ended. The same words on every runtime."""
+
+    SUCCEEDED = "succeeded"
+    OOM = "oom"
+    BAD_INPUT = "bad_input"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    LOST = "lost"
+    CANCELLED = "cancelled"
+
+
+class KillReason(enum.StrEnum):
+    """Why the dispatcher itself killed a unit; a kill we caused is never read as an OOM."""
+
+    DEADLINE = "deadline"
+    CANCEL = "cancel"
+    ORPHAN = "orphan"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a runtime needs to start one attempt of one job."""
+
+    job_id: int
+    attempt: int
+    tier: str
+    memory_limit_bytes: int
+    timeout_s: float
+    document_uri: str
+    workload: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"jobcell-{self.job_id}-{self.attempt}"
+
+
+@dataclass(frozen=True)
+class Handle:
+    """A runtime's reference to one launched attempt."""
+
+    runtime: str
+    ref: str
+    job_id: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Exit:
+    """What a runtime observed when an attempt's unit ended (read before it is removed)."""
+
+    exit_code: int | None
+    oom_killed: bool = False
+    peak_memory_bytes: int | None = None
+    log_tail: str = ""
+    reason: str = ""  # last stderr line: the job's own human-readable reason
+    lost: bool = False  # the unit vanished or the runtime failed; no exit code exists
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    state: JobState
+    document_uri: str
+    document_bytes: int
+    workload: str
+    params: dict[str, Any]
+    size_class: str
+    tier: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    scheduled_at: datetime
+    created_at: datetime
+    cancel_requested: bool = False
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    reason: str | None = None
+    finished_at: datetime | None = None
+    memory_limit_bytes: int | None = None
+    pool: str | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    job_id: int
+    attempt: int
+    runtime: str
+    handle: str | None
+    tier: str
+    memory_limit_bytes: int
+    dispatcher: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    outcome: Outcome | None = None
+    exit_code: int | None = None
+    oom_killed: bool | None = None
+    peak_memory_bytes: int | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    log_tail: str | None = None
+    kill_reason: KillReason | None = None
+
+
+@dataclass(frozen=True)
+class Running:
+    """One running job as admission sees it: the tier slot and memory it holds."""
+
+    job_id: int
+    tier: str
+    memory_limit_bytes: int
+
+
+@dataclass(frozen=True)
+class NewJob:
+    document_uri: str
+    document_bytes: int
+    unique_key: str
+    size_class: str
+    workload: str = "ocr"
+    params: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    max_attempts: int = 5

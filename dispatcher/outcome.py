@@ -1,0 +1,85 @@
+"""From what a runtime observed to what happens next. Pure: no I/O, no clock, no randomness of its own."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .classes import SizeClassTable
+from .models import EXIT_BAD_INPUT, EXIT_OK, EXIT_SIGKILL, Exit, JobState, KillReason, Outcome
+
+
+def classify(exit: Exit, killed_by: KillReason | None) -> Outcome:
+    """The exit-code contract. A kill we caused is never an OOM; an unexplained SIGKILL is."""
+    if killed_by is KillReason.CANCEL:
+        return Outcome.CANCELLED
+    if killed_by is KillReason.DEADLINE:
+        return Outcome.TIMEOUT
+    if exit.lost or exit.exit_code is None:
+        return Outcome.LOST
+    if exit.oom_killed:
+        return Outcome.OOM
+    if exit.exit_code == EXIT_OK:
+        return Outcome.SUCCEEDED
+    if exit.exit_code == EXIT_BAD_INPUT:
+        return Outcome.BAD_INPUT
+    if exit.exit_code == EXIT_SIGKILL and killed_by is None:
+        return Outcome.OOM
+    return Outcome.ERROR
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """attempt**exponent seconds, capped, with up to `jitter` of it added at random."""
+
+    exponent: float = 4.0
+    cap_s: float = 3600.0
+    jitter: float = 0.25
+
+    def delay(self, attempt: int, rand: random.Random | None = None) -> float:
+        base = min(float(attempt**self.exponent), self.cap_s)
+        r = rand.random() if rand else random.random()
+        return base * (1.0 + self.jitter * r)
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: JobState
+    tier: str
+    delay_s: float = 0.0
+    reason: str | None = None
+
+    @property
+    def retry(self) -> bool:
+        return self.state is JobState.QUEUED
+
+
+def decide(outcome: Outcome, *, tier: str, attempt: int, max_attempts: int, table: SizeClassTable,
+           backoff: Backoff, exit_reason: str = "", rand: random.Random | None = None) -> Decision:
+    """What the job becomes after an attempt ended with `outcome`."""
+    limit = table.get(tier)
+    if outcome is Outcome.SUCCEEDED:
+        return Decision(JobState.SUCCEEDED, tier)
+    if outcome is Outcome.CANCELLED:
+        return Decision(JobState.CANCELLED, tier, reason="cancelled by request")
+    if outcome is Outcome.BAD_INPUT:
+        return Decision(JobState.FAILED, tier, reason=exit_reason or "the job rejected its input (exit 65)")
+    if outcome is Outcome.TIMEOUT:
+        # A document that needs longer than its class allows will need it again: do not burn retries.
+        return Decision(JobState.FAILED, tier,
+                        reason=f"timed out after {limit.timeout_s:.0f} s, the {tier!r} class deadline")
+    if outcome is Outcome.OOM:
+        bigger = table.next_tier(tier)
+        if bigger is None:
+            return Decision(JobState.FAILED, tier, reason=f"needs more than {limit.memory_mib} MiB "
+                                                            f"(OOM-killed on the top tier {tier!r})")
+        if attempt >= max_attempts:
+            return Decision(JobState.FAILED, tier, reason=f"OOM-killed at {limit.memory_mib} MiB "
+                                                            f"after {attempt} attempts")
+        return Decision(JobState.QUEUED, bigger.name, 0.0,
+                        reason=f"OOM-killed at {limit.memory_mib} MiB; retrying on {bigger.name!r}")
+    # error, lost: transient until proven otherwise
+    what = exit_reason or ("the job's unit vanished" if outcome is Outcome.LOST else "the job failed")
+    if attempt >= max_attempts:
+        return Decision(JobState.FAILED, tier, reason=f"{what} ({outcome.value}); gave up after {attempt} attempts")
+    return Decision(JobState.QUEUED, tier, backoff.delay(attempt, rand), reason=f"{what} ({outcome.value}); will retry")

@@ -1,0 +1,285 @@
+"""The Postgres adapter of the Queue port (psycopg 3). All SQL is named, in sql/queries.sql."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential_jitter
+
+from .classes import Admission, SizeClassTable
+from .errors import NotFound
+from .models import Job, JobState, KillReason, LaunchSpec, NewJob, Running
+from .ports import Claimed, Finish
+from .sql import migrations, query
+
+log = logging.getLogger("jobcell.queue")
+T = TypeVar("T")
+Row = dict[str, Any]
+NOTIFY_CHANNEL = "jobcell_jobs"
+
+
+def job_from_row(row: Row) -> Job:
+    return Job(
+        id=row["id"], state=JobState(row["state"]), document_uri=row["document_uri"],
+        document_bytes=row["document_bytes"], workload=row["workload"], params=row["params"],
+        size_class=row["size_class"], tier=row["tier"], priority=row["priority"], attempt=row["attempt"],
+        max_attempts=row["max_attempts"], scheduled_at=row["scheduled_at"], created_at=row["created_at"],
+        cancel_requested=row["cancel_requested"], lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"], reason=row["reason"], finished_at=row["finished_at"],
+        memory_limit_bytes=row["memory_limit_bytes"], pool=row["pool"])
+
+
+def _log_retry(state: Any) -> None:
+    log.warning("database unavailable (%s); retrying in %.1f s",
+                state.outcome.exception() if state.outcome else "?", state.next_action.sleep)
+
+
+class PostgresQueue:
+    def __init__(self, dsn: str, table: SizeClassTable, *, lease_ttl_s: float = 30.0,
+                 give_up_after_s: float | None = None) -> None:
+        self._dsn = dsn
+        self._table = table
+        self.lease_ttl_s = lease_ttl_s
+        self._conn: psycopg.Connection[Row] | None = None
+        self._lock = threading.Lock()  # one connection, one statement at a time
+        self._closed = threading.Event()
+        self._retry = Retrying(
+            retry=retry_if_exception_type(psycopg.OperationalError),
+            wait=wait_exponential_jitter(multiplier=0.5, max=30),
+            stop=stop_never if give_up_after_s is None else stop_after_delay(give_up_after_s),
+            before_sleep=_log_retry, reraise=True)
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Row]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = psycopg.connect(self._dsn, autocommit=True, row_factory=dict_row, connect_timeout=10)
+        return self._conn
+
+    def _run(self, fn: Callable[[psycopg.Connection[Row]], T]) -> T:
+        """Run fn in one transaction, reconnecting with backoff while the database is unreachable."""
+        for attempt in self._retry:
+            with attempt, self._lock:
+                conn = self._connection()
+                try:
+                    with conn.transaction():
+                        return fn(conn)
+                except psycopg.OperationalError:
+                    conn.close()
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._conn is not None:
+            self._conn.close()
+
+    @staticmethod
+    def _one(conn: psycopg.Connection[Row], name: str, **params: Any) -> Row | None:
+        cur = conn.execute(query(name), params)
+        return cur.fetchone() if cur.description else None
+
+    @staticmethod
+    def _all(conn: psycopg.Connection[Row], name: str, **params: Any) -> list[Row]:
+        return conn.execute(query(name), params).fetchall()
+
+    # -- schema ---------------------------------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations under an advisory lock; safe to run concurrently and repeatedly."""
+        def apply(conn: psycopg.Connection[Row]) -> list[str]:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('jobcell-migrate'))")
+            conn.execute("CREATE TABLE IF NOT EXISTS jobcell_migrations (version integer PRIMARY KEY, "
+                         "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            done = {r["version"] for r in conn.execute("SELECT version FROM jobcell_migrations").fetchall()}
+            applied = []
+            for version, name, sql in migrations():
+                if version not in done:
+                    conn.execute(sql.encode())
+                    conn.execute("INSERT INTO jobcell_migrations (version, name) VALUES (%s, %s)",
+                                 (version, name))
+                    applied.append(name)
+            return applied
+        return self._run(apply)
+
+    # -- Queue port -----------------------------------------------------------------------------------
+
+    def submit(self, job: NewJob) -> tuple[int, bool]:
+        def go(conn: psycopg.Connection[Row]) -> tuple[int, bool]:
+            row = self._one(conn, "submit", unique_key=job.unique_key, document_uri=job.document_uri,
+                            document_bytes=job.document_bytes, workload=job.workload, params=Jsonb(job.params),
+                            size_class=job.size_class, priority=job.priority, max_attempts=job.max_attempts)
+            if row is not None:
+                return row["id"], True
+            existing = self._one(conn, "id_by_unique_key", unique_key=job.unique_key)
+            assert existing is not None
+            return existing["id"], False
+        return self._run(go)
+
+    def claim(self, owner: str, pool: str, budget_bytes: int, limit: int) -> list[Claimed]:
+        def go(conn: psycopg.Connection[Row]) -> list[Claimed]:
+            self._one(conn, "lock_pool", pool=pool)
+            running = [Running(r["id"], r["tier"], r["memory_limit_bytes"])
+                       for r in self._all(conn, "running_in_pool", pool=pool)]
+            admission = Admission(self._table, budget_bytes, running)
+            taken: list[Claimed] = []
+            for row in self._all(conn, "claimable", limit=max(limit * 4, 32)):
+                if len(taken) >= limit:
+                    break
+                tier = row["tier"] if row["tier"] in admission.slots else self._table.for_size(
+                    row["document_bytes"]).name
+                if not admission.fits(tier):
+                    continue
+                cls = self._table.get(tier)
+                got = self._one(conn, "take", id=row["id"], owner=owner, ttl=self.lease_ttl_s, pool=pool,
+                                memory_limit_bytes=cls.memory_limit_bytes)
+                if got is None:
+                    continue
+                admission.take(tier)
+                job = job_from_row(got)
+                self._one(conn, "insert_attempt", job_id=job.id, attempt=job.attempt, dispatcher=owner,
+                          pool=pool, tier=tier, memory_limit_bytes=cls.memory_limit_bytes)
+                taken.append(Claimed(job, self._spec(job, tier)))
+            return taken
+        return self._run(go)
+
+    def _spec(self, job: Job, tier: str) -> LaunchSpec:
+        cls = self._table.get(tier)
+        return LaunchSpec(job_id=job.id, attempt=job.attempt, tier=tier, memory_limit_bytes=cls.memory_limit_bytes,
+                          timeout_s=cls.timeout_s, document_uri=job.document_uri, workload=job.workload,
+                          params=dict(job.params))
+
+    def started(self, job_id: int, attempt: int, runtime: str, handle: str) -> None:
+        self._run(lambda c: self._one(c, "started", job_id=job_id, attempt=attempt, runtime=runtime,
+                                      handle=handle))
+
+    def heartbeat(self, owner: str, job_ids: Sequence[int]) -> tuple[set[int], set[int]]:
+        if not job_ids:
+            return set(), set()
+        rows = self._run(lambda c: self._all(c, "heartbeat", owner=owner, ids=list(job_ids),
+                                             ttl=self.lease_ttl_s))
+        return {r["id"] for r in rows}, {r["id"] for r in rows if r["cancel_requested"]}
+
+    def mark_killing(self, job_id: int, attempt: int, reason: KillReason) -> None:
+        self._run(lambda c: self._one(c, "mark_killing", job_id=job_id, attempt=attempt, reason=reason.value))
+
+    def kill_reason(self, job_id: int, attempt: int) -> KillReason | None:
+        row = self._run(lambda c: self._one(c, "kill_reason", job_id=job_id, attempt=attempt))
+        return KillReason(row["kill_reason"]) if row and row["kill_reason"] else None
+
+    def finish(self, owner: str, result: Finish) -> bool:
+        e = result.exit
+
+        def go(conn: psycopg.Connection[Row]) -> bool:
+            moved = self._one(conn, "finish_job", job_id=result.job_id, attempt=result.attempt, owner=owner,
+                              state=result.next_state, tier=result.next_tier, reason=result.reason,
+                              delay_s=result.delay_s)
+            if moved is None:
+                return False
+            self._one(conn, "finish_attempt", job_id=result.job_id, attempt=result.attempt,
+                      outcome=result.outcome.value, exit_code=e.exit_code, oom_killed=e.oom_killed,
+                      peak_memory_bytes=e.peak_memory_bytes, duration_s=result.duration_s,
+                      error=e.reason or None, log_tail=e.log_tail or None)
+            return True
+        return self._run(go)
+
+    def adopt(self, owner: str, pool: str, job_id: int, attempt: int) -> Claimed | None:
+        def go(conn: psycopg.Connection[Row]) -> Claimed | None:
+            row = self._one(conn, "adopt", owner=owner, pool=pool, job_id=job_id, attempt=attempt,
+                            ttl=self.lease_ttl_s)
+            if row is None:
+                return None
+            job = job_from_row(row)
+            attempts = self._all(conn, "attempts", job_id=job_id)
+            started = next((a["started_at"] or a["claimed_at"] for a in attempts if a["attempt"] == attempt), None)
+            return Claimed(job, self._spec(job, job.tier), started)
+        return self._run(go)
+
+    def attempt_is_current(self, job_id: int, attempt: int) -> bool:
+        return self._run(lambda c: self._one(c, "attempt_is_current", job_id=job_id, attempt=attempt)) is not None
+
+    def reap(self, pool: str, keep: Sequence[int]) -> list[int]:
+        def go(conn: psycopg.Connection[Row]) -> list[int]:
+            rows = self._all(conn, "reap", pool=pool, keep=list(keep))
+            if rows:
+                self._one(conn, "lose_attempts", ids=[r["id"] for r in rows], attempts=[r["attempt"] for r in rows])
+            return [r["id"] for r in rows]
+        return self._run(go)
+
+    def release(self, owner: str) -> None:
+        self._run(lambda c: self._one(c, "release", owner=owner))
+
+    def running(self, pool: str) -> list[Running]:
+        rows = self._run(lambda c: self._all(c, "running_in_pool", pool=pool))
+        return [Running(r["id"], r["tier"], r["memory_limit_bytes"]) for r in rows]
+
+    def cancel(self, job_id: int) -> str:
+        row = self._run(lambda c: self._one(c, "cancel", job_id=job_id))
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return str(row["state"])
+
+    def get(self, job_id: int) -> Job:
+        row = self._run(lambda c: self._one(c, "get", job_id=job_id))
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return job_from_row(row)
+
+    def now(self) -> datetime:
+        row = self._run(lambda c: self._one(c, "now"))
+        assert row is not None
+        return row["now"]  # type: ignore[no-any-return]
+
+    # -- reads for the CLI ----------------------------------------------------------------------------
+
+    def jobs(self, ids: Sequence[int]) -> list[Job]:
+        return [job_from_row(r) for r in self._run(lambda c: self._all(c, "jobs_by_ids", ids=list(ids)))]
+
+    def attempts(self, job_id: int) -> list[Row]:
+        return self._run(lambda c: self._all(c, "attempts", job_id=job_id))
+
+    def counts(self) -> list[Row]:
+        return self._run(lambda c: self._all(c, "counts"))
+
+    def running_jobs(self) -> list[Row]:
+        return self._run(lambda c: self._all(c, "running_jobs"))
+
+    # -- notifications --------------------------------------------------------------------------------
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        threading.Thread(target=self._listen, args=(wake,), name="jobcell-listen", daemon=True).start()
+
+    def _listen(self, wake: Callable[[], None]) -> None:
+        backoff = 0.5
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    backoff = 0.5
+                    wake()  # we may have missed notifications while disconnected
+                    while not self._closed.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            wake()
+            except psycopg.Error as e:
+                if not self._closed.is_set():
+                    log.warning("LISTEN connection lost (%s); polling until it is back", e)
+            self._closed.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+
+@contextlib.contextmanager
+def opened(dsn: str, table: SizeClassTable, **kw: Any) -> Iterator[PostgresQueue]:
+    q = PostgresQueue(dsn, table, **kw)
+    try:
+        yield q
+    finally:
+        q.close()

@@ -1,0 +1,97 @@
+"""Configuration from JOBCELL_* environment variables, validated once at start."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .classes import SizeClassTable, load_table_from, parse_bytes
+from .errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Every field is JOBCELL_<NAME>; the README's configuration table lists them."""
+
+    model_config = SettingsConfigDict(env_prefix="JOBCELL_", extra="ignore", frozen=True)
+
+    database_url: SecretStr | None = None
+    classes: str | None = None  # JSON table; wins over classes_file
+    classes_file: str | None = None
+    memory_budget: str = "75%"  # bytes ("6GiB") or a share of the engine's memory ("75%")
+    pool: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,63}$")
+    dispatcher_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    runtime: Literal["docker"] = "docker"
+    job_image: str = "jobcell-job:dev"
+    network: str = "bridge"
+    job_user: str = "10001:10001"
+    pids_limit: int = Field(default=256, ge=16)
+    tmpfs_size: str = "64m"
+    job_cpus: float | None = Field(default=None, gt=0)
+    job_env: str = ""  # comma-separated names of dispatcher variables passed on to every job
+    job_database_url: SecretStr | None = None  # the database as jobs reach it; defaults to database_url
+    store_dir: str = "var/store"
+    store_mount: str | None = None  # what job containers mount at /store; defaults to store_dir
+    s3_bucket: str | None = None
+    s3_endpoint: str | None = None
+    s3_prefix: str = "documents/"
+    lease_ttl_s: float = Field(default=30.0, ge=3)
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_exponent: float = Field(default=4.0, ge=0)
+    backoff_cap_s: float = Field(default=3600.0, gt=0)
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v: str) -> str:
+        if v.strip().endswith("%"):
+            share = float(v.strip()[:-1])
+            if not 0 < share <= 100:
+                raise ValueError("a share of memory must be between 0% and 100%")
+        else:
+            parse_bytes(v)
+        return v.strip()
+
+    def table(self) -> SizeClassTable:
+        return load_table_from(self.classes, self.classes_file)
+
+    def budget_bytes(self, total_bytes: int) -> int:
+        if self.memory_budget.endswith("%"):
+            return int(total_bytes * float(self.memory_budget[:-1]) / 100)
+        return parse_bytes(self.memory_budget)
+
+    def dsn(self) -> str:
+        if self.database_url is None:
+            raise ConfigError("JOBCELL_DATABASE_URL is not set: point it at Postgres, "
+                              "e.g. postgresql://jobcell:secret@localhost:5432/jobcell")
+        return self.database_url.get_secret_value()
+
+    def passed_env(self) -> dict[str, str]:
+        names = [n.strip() for n in self.job_env.split(",") if n.strip()]
+        missing = [n for n in names if n not in os.environ]
+        if missing:
+            raise ConfigError(f"JOBCELL_JOB_ENV names {missing}, which are not set in the dispatcher's environment")
+        env = {n: os.environ[n] for n in names}
+        job_db = self.job_database_url or self.database_url
+        if job_db is not None:
+            env["JOBCELL_DATABASE_URL"] = job_db.get_secret_value()
+        return env
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or a ConfigError that names each bad variable and what to fix."""
+    try:
+        s = Settings()
+    except ValidationError as err:
+        lines = ["invalid configuration:"]
+        for e in err.errors():
+            name = "JOBCELL_" + "_".join(str(p) for p in e["loc"]).upper()
+            lines.append(f"  - {name}: {e['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    except ValueError as err:  # pydantic-settings' own parse errors
+        raise ConfigError(f"invalid configuration: {err}") from None
+    s.table()  # a bad size-class table is refused at start, not at the first job
+    return s

@@ -1,0 +1,133 @@
+-- Named queries, loaded by dispatcher/sql/__init__.py. Every value is a bound parameter.
+
+-- name: submit
+INSERT INTO jobs (unique_key, document_uri, document_bytes, workload, params, size_class, tier, priority,
+                  max_attempts)
+VALUES (%(unique_key)s, %(document_uri)s, %(document_bytes)s, %(workload)s, %(params)s, %(size_class)s,
+        %(size_class)s, %(priority)s, %(max_attempts)s)
+ON CONFLICT (unique_key) DO NOTHING
+RETURNING id;
+
+-- name: id_by_unique_key
+SELECT id FROM jobs WHERE unique_key = %(unique_key)s;
+
+-- name: lock_pool
+-- Serialises admission within one pool, so that concurrent dispatchers cannot both spend the same budget.
+SELECT pg_advisory_xact_lock(hashtext('jobcell-pool:' || %(pool)s));
+
+-- name: running_in_pool
+SELECT id, tier, memory_limit_bytes FROM jobs WHERE state = 'running' AND pool = %(pool)s;
+
+-- name: claimable
+SELECT * FROM jobs
+WHERE state = 'queued' AND scheduled_at <= now() AND NOT cancel_requested
+ORDER BY priority DESC, scheduled_at, id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: take
+UPDATE jobs
+SET state = 'running', attempt = attempt + 1, lease_owner = %(owner)s,
+    lease_expires_at = now() + make_interval(secs => %(ttl)s), pool = %(pool)s,
+    memory_limit_bytes = %(memory_limit_bytes)s, updated_at = now()
+WHERE id = %(id)s AND state = 'queued'
+RETURNING *;
+
+-- name: insert_attempt
+INSERT INTO job_attempts (job_id, attempt, dispatcher, pool, tier, memory_limit_bytes)
+VALUES (%(job_id)s, %(attempt)s, %(dispatcher)s, %(pool)s, %(tier)s, %(memory_limit_bytes)s);
+
+-- name: started
+UPDATE job_attempts SET runtime = %(runtime)s, handle = %(handle)s, started_at = now()
+WHERE job_id = %(job_id)s AND attempt = %(attempt)s;
+
+-- name: heartbeat
+UPDATE jobs SET lease_expires_at = now() + make_interval(secs => %(ttl)s)
+WHERE lease_owner = %(owner)s AND state = 'running' AND id = ANY(%(ids)s)
+RETURNING id, cancel_requested;
+
+-- name: mark_killing
+UPDATE job_attempts SET kill_reason = %(reason)s
+WHERE job_id = %(job_id)s AND attempt = %(attempt)s AND kill_reason IS NULL;
+
+-- name: kill_reason
+SELECT kill_reason FROM job_attempts WHERE job_id = %(job_id)s AND attempt = %(attempt)s;
+
+-- name: finish_job
+-- Fenced: only the holder of this attempt's lease may finish it.
+UPDATE jobs
+SET state = %(state)s, tier = %(tier)s, reason = %(reason)s, lease_owner = NULL, lease_expires_at = NULL,
+    pool = NULL, memory_limit_bytes = NULL, updated_at = now(),
+    scheduled_at = CASE WHEN %(state)s = 'queued' THEN now() + make_interval(secs => %(delay_s)s)
+                        ELSE scheduled_at END,
+    finished_at = CASE WHEN %(state)s IN ('succeeded', 'failed', 'cancelled') THEN now() END
+WHERE id = %(job_id)s AND attempt = %(attempt)s AND lease_owner = %(owner)s AND state = 'running'
+RETURNING id;
+
+-- name: finish_attempt
+UPDATE job_attempts
+SET finished_at = now(), outcome = %(outcome)s, exit_code = %(exit_code)s, oom_killed = %(oom_killed)s,
+    peak_memory_bytes = %(peak_memory_bytes)s, duration_s = %(duration_s)s, error = %(error)s,
+    log_tail = %(log_tail)s
+WHERE job_id = %(job_id)s AND attempt = %(attempt)s AND outcome IS NULL;
+
+-- name: adopt
+UPDATE jobs
+SET lease_owner = %(owner)s, lease_expires_at = now() + make_interval(secs => %(ttl)s), updated_at = now()
+WHERE id = %(job_id)s AND attempt = %(attempt)s AND state = 'running' AND pool = %(pool)s
+  AND (lease_owner = %(owner)s OR lease_expires_at < now())
+RETURNING *;
+
+-- name: attempt_is_current
+SELECT 1 FROM jobs WHERE id = %(job_id)s AND attempt = %(attempt)s AND state = 'running';
+
+-- name: reap
+-- One guarded UPDATE: only leases still expired at the moment it runs are taken back.
+UPDATE jobs
+SET state = CASE WHEN cancel_requested THEN 'cancelled'
+                 WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
+    reason = CASE WHEN cancel_requested THEN 'cancelled by request'
+                  WHEN attempt >= max_attempts
+                  THEN 'its dispatcher vanished (lost); gave up after ' || attempt || ' attempts'
+                  ELSE 'its dispatcher vanished (lost); will retry' END,
+    finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN now() END,
+    lease_owner = NULL, lease_expires_at = NULL, pool = NULL, memory_limit_bytes = NULL,
+    scheduled_at = now(), updated_at = now()
+WHERE state = 'running' AND pool = %(pool)s AND lease_expires_at < now() AND NOT (id = ANY(%(keep)s))
+RETURNING id, attempt;
+
+-- name: lose_attempts
+UPDATE job_attempts SET outcome = 'lost', finished_at = now(), error = 'lease expired with no unit left'
+WHERE (job_id, attempt) IN (SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[])) AND outcome IS NULL;
+
+-- name: release
+UPDATE jobs SET lease_expires_at = now() WHERE lease_owner = %(owner)s AND state = 'running';
+
+-- name: cancel
+UPDATE jobs
+SET cancel_requested = true, updated_at = now(),
+    state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END,
+    reason = CASE WHEN state = 'queued' THEN 'cancelled by request' ELSE reason END,
+    finished_at = CASE WHEN state = 'queued' THEN now() ELSE finished_at END
+WHERE id = %(job_id)s
+RETURNING state;
+
+-- name: get
+SELECT * FROM jobs WHERE id = %(job_id)s;
+
+-- name: jobs_by_ids
+SELECT * FROM jobs WHERE id = ANY(%(ids)s) ORDER BY id;
+
+-- name: attempts
+SELECT * FROM job_attempts WHERE job_id = %(job_id)s ORDER BY attempt;
+
+-- name: counts
+SELECT state, size_class, count(*) AS n FROM jobs GROUP BY state, size_class ORDER BY state, size_class;
+
+-- name: running_jobs
+SELECT j.id, j.tier, j.memory_limit_bytes, j.pool, j.lease_owner, j.attempt, a.started_at, j.document_uri
+FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.attempt = j.attempt
+WHERE j.state = 'running' ORDER BY j.id;
+
+-- name: now
+SELECT now();

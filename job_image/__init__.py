@@ -1,0 +1,1 @@
+"""The job that runs inside each memory-capped container. Self-contained: it does not import the dispatcher."""

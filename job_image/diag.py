@@ -1,0 +1,30 @@
+"""The diagnostic workload: allocate N MiB, sleep, exit with a code. Tests drive real OOM kills with it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from .contract import BadInput
+
+_STEP = 8 * 1024 * 1024
+
+
+def run(params: dict[str, Any]) -> int:
+    unknown = set(params) - {"alloc_mib", "sleep_s", "exit_code", "message", "step_sleep_s"}
+    if unknown:
+        raise BadInput(f"diagnostic workload: unknown parameters {sorted(unknown)}")
+    held = []
+    remaining = int(float(params.get("alloc_mib", 0)) * 1024 * 1024)
+    while remaining > 0:
+        n = min(_STEP, remaining)
+        held.append(b"\x5a" * n)  # written, not just reserved: the pages count against the cgroup
+        remaining -= n
+        if params.get("step_sleep_s"):
+            time.sleep(float(params["step_sleep_s"]))
+    print(f"allocated {sum(map(len, held)) // (1024 * 1024)} MiB", flush=True)
+    time.sleep(float(params.get("sleep_s", 0)))
+    if params.get("message"):
+        print(str(params["message"]), file=sys.stderr, flush=True)
+    return int(params.get("exit_code", 0))

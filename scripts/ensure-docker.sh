@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Make a working Docker engine (and a compose tool) available.
+# Works on three kinds of machine: a laptop with Docker already running (no-op),
+# this project's CI machine (root, apt reachable, no dockerd: install + start it),
+# and anything else (fail with a message that says what to do).
+set -euo pipefail
+
+log() { echo "[jobcell] $*"; }
+die() { echo "[jobcell] ERROR: $*" >&2; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive
+# needrestart (pulled in by docker.io's recommends) would otherwise try to restart services after installs.
+export NEEDRESTART_SUSPEND=1
+can_apt() { [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; }
+apt_updated=""
+apt_install() {
+  # One `apt-get update` per run: a fresh machine has empty lists.
+  if [[ -z $apt_updated ]]; then apt-get update -qq; apt_updated=1; fi
+  apt-get install -y -qq "$@" >/dev/null
+}
+
+docker_ok() { docker info >/dev/null 2>&1; }
+# dockerd lives in /usr/sbin, which a non-login shell's PATH may lack.
+PATH=$PATH:/usr/sbin:/sbin
+
+if docker_ok; then
+  log "docker engine: already running"
+else
+  if ! command -v dockerd >/dev/null; then
+    can_apt || die "no Docker engine: install Docker and start it (or run this script as root on Debian)"
+    log "installing docker.io via apt"
+    # With recommends (apparmor, cgroupfs-mount): that is the install measured to work on CI.
+    apt_install docker.io
+  fi
+  command -v docker >/dev/null || die "docker CLI missing after install"
+  # A dockerd that is still starting must not get a twin fighting over its pidfile.
+  if ! pgrep -x dockerd >/dev/null; then
+    [[ $(id -u) -eq 0 ]] || die "dockerd is not running and only root can start it: start Docker (e.g. 'sudo systemctl start docker')"
+    log "starting dockerd (log: /tmp/jobcell-dockerd.log)"
+    # setsid+nohup: the daemon must outlive this script and the CI step's process group.
+    setsid nohup dockerd >/tmp/jobcell-dockerd.log 2>&1 </dev/null &
+  fi
+  for _ in $(seq 60); do docker_ok && break; sleep 1; done
+  docker_ok || die "dockerd did not become ready within 60 s; see /tmp/jobcell-dockerd.log"
+  log "docker engine: ready"
+fi
+
+# compose is only used to validate compose.yaml, so failing to get it is not fatal.
+if docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null; then
+  :
+elif can_apt; then
+  log "installing docker-compose via apt"
+  apt_install docker-compose || log "WARNING: docker-compose install failed; compose.yaml checks will be skipped"
+else
+  log "WARNING: neither 'docker compose' nor 'docker-compose' found; compose.yaml checks will be skipped"
+fi

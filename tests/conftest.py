@@ -1,0 +1,196 @@
+"""Fixtures against the real things: a Docker engine, Postgres in a testcontainer, the job image."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import docker
+from dispatcher.classes import SizeClassTable, load_table
+from dispatcher.loop import Dispatcher, LoopConfig
+from dispatcher.models import MIB, Job
+from dispatcher.outcome import Backoff
+from dispatcher.queue import PostgresQueue
+from dispatcher.runtimes.docker import LABEL_POOL, DockerOptions, DockerRuntime
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "corpus"
+JOB_IMAGE = os.environ.get("JOBCELL_JOB_IMAGE", "jobcell-job:dev")
+
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+# Test traffic stays on loopback: Postgres is published on 127.0.0.1 only, and reached there.
+# (this sandbox looks like a container to testcontainers, which would otherwise pick the bridge gateway)
+os.environ.setdefault("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1")
+os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
+
+# Small tiers keep real OOM kills fast: python itself needs ~15 MiB, so 100 MiB fits only from medium up.
+TEST_CLASSES: list[dict[str, Any]] = [
+    {"name": "small", "max_input_bytes": "5MB", "memory_limit_bytes": "64MiB", "max_running": 3,
+     "timeout_s": 60},
+    {"name": "medium", "max_input_bytes": "20MB", "memory_limit_bytes": "160MiB", "max_running": 2,
+     "timeout_s": 60},
+    {"name": "large", "memory_limit_bytes": "256MiB", "max_running": 1, "timeout_s": 60},
+]
+
+
+def pg_image() -> str:
+    marker = ROOT / ".jobcell-pg-image"
+    if os.environ.get("JOBCELL_TEST_PG_IMAGE"):
+        return os.environ["JOBCELL_TEST_PG_IMAGE"]
+    return marker.read_text().strip() if marker.exists() else "postgres:16"
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> docker.DockerClient:
+    client = docker.from_env()
+    client.ping()  # no engine is a failure, not a skip: the test command starts one
+    return client
+
+
+@pytest.fixture(scope="session")
+def job_image(docker_client: docker.DockerClient) -> str:
+    docker_client.images.get(JOB_IMAGE)  # built by scripts/build-job-image.sh, which the test command runs
+    return JOB_IMAGE
+
+
+@pytest.fixture(scope="session")
+def pg_server(docker_client: docker.DockerClient) -> Iterator[str]:
+    try:
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:  # testcontainers before the community split
+        from testcontainers.postgres import PostgresContainer
+
+    pg = PostgresContainer(pg_image(), username="jobcell", password="jobcell-test-pw", dbname="postgres",
+                           driver=None)
+    pg.ports = {5432: ("127.0.0.1",)}  # docker-py's (host ip,) form: a free port on loopback, not 0.0.0.0
+    with pg:
+        yield pg.get_connection_url()
+
+
+@pytest.fixture
+def db_url(pg_server: str) -> Iterator[str]:
+    """A fresh database per test: no test sees another's jobs."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    url = pg_server.rsplit("/", 1)[0] + "/" + name
+    yield url
+    with psycopg.connect(pg_server, autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def table() -> SizeClassTable:
+    return load_table(TEST_CLASSES)
+
+
+@pytest.fixture
+def queue(db_url: str, table: SizeClassTable) -> Iterator[PostgresQueue]:
+    q = PostgresQueue(db_url, table, lease_ttl_s=4.0, give_up_after_s=30)
+    q.migrate()
+    yield q
+    q.close()
+
+
+@pytest.fixture
+def pool(docker_client: docker.DockerClient) -> Iterator[str]:
+    """A pool name of its own per test; its containers are removed afterwards whatever happened."""
+    name = "test-" + uuid.uuid4().hex[:10]
+    yield name
+    for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={name}"}):
+        with contextlib.suppress(docker.errors.APIError):
+            c.remove(force=True)
+
+
+@pytest.fixture
+def runtime(docker_client: docker.DockerClient, job_image: str, pool: str) -> DockerRuntime:
+    return DockerRuntime(DockerOptions(image=job_image, pool=pool, network_mode="none", stats_every_s=0.5),
+                         client=docker_client)
+
+
+class Running:
+    """A Dispatcher on a thread, stopped (without drain) at the end of the test."""
+
+    def __init__(self, d: Dispatcher) -> None:
+        self.d = d
+        self.thread = threading.Thread(target=d.run, name=f"dispatcher-{d.cfg.owner}", daemon=True)
+        self.thread.start()
+
+    def stop(self, drain: bool = False, timeout: float = 60) -> None:
+        self.d.stop(drain=drain)
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "dispatcher did not stop"
+
+
+@pytest.fixture
+def start_dispatcher(db_url: str, queue: PostgresQueue, runtime: DockerRuntime, table: SizeClassTable,
+                     pool: str) -> Iterator[Callable[..., Running]]:
+    """Each dispatcher gets its own connection, as separate processes would."""
+    started: list[Running] = []
+
+    def start(budget_mib: int = 4096, owner: str | None = None, classes: SizeClassTable | None = None,
+              **kw: Any) -> Running:
+        t = classes or table
+        q = PostgresQueue(db_url, t, lease_ttl_s=queue.lease_ttl_s, give_up_after_s=None)
+        cfg = LoopConfig(owner=owner or f"d-{uuid.uuid4().hex[:6]}", pool=pool, budget_bytes=budget_mib * MIB,
+                         poll_s=0.2, heartbeat_s=1.0, reconcile_s=1.0, backoff=Backoff(exponent=0, jitter=0.1),
+                         **kw)
+        r = Running(Dispatcher(q, runtime, t, cfg))
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        if r.thread.is_alive():
+            r.stop()
+        r.d.queue.close()  # type: ignore[attr-defined]
+
+
+def sql(db_url: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db_url, autocommit=True) as c:
+        cur = c.execute(statement, params)
+        return cur.fetchall() if cur.description else []
+
+
+def diag(queue: PostgresQueue, size_class: str = "small", max_attempts: int = 5, priority: int = 0,
+         **params: Any) -> int:
+    from dispatcher.models import NewJob
+
+    job_id, _ = queue.submit(NewJob(document_uri="diag:", document_bytes=0, unique_key=f"diag:{uuid.uuid4()}",
+                                    size_class=size_class, workload="diag", params=params,
+                                    max_attempts=max_attempts, priority=priority))
+    return job_id
+
+
+def wait_final(queue: PostgresQueue, ids: list[int], timeout: float = 120) -> list[Job]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = queue.jobs(ids)
+        if all(j.state.final for j in jobs):
+            return jobs
+        time.sleep(0.2)
+    raise AssertionError(f"jobs did not end within {timeout} s: {[(j.id, j.state.value) for j in queue.jobs(ids)]}")
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def classes_json(classes: list[dict[str, Any]] | None = None) -> str:
+    return json.dumps(classes or TEST_CLASSES)

@@ -1,0 +1,173 @@
+"""The pure core: size classes, admission, outcome classification, and the import rules that keep it pure."""
+
+from __future__ import annotations
+
+import ast
+import random
+from pathlib import Path
+
+import pytest
+
+from dispatcher.classes import (
+    DEFAULT_TABLE,
+    Admission,
+    check_budget,
+    load_table,
+    load_table_from,
+    parse_bytes,
+)
+from dispatcher.errors import ConfigError
+from dispatcher.models import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    MIB,
+    Exit,
+    JobState,
+    KillReason,
+    Outcome,
+    Running,
+)
+from dispatcher.outcome import Backoff, classify, decide
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ["models", "classes", "outcome", "ports", "loop", "errors"]
+DRIVERS = {"docker", "psycopg", "boto3", "botocore", "kubernetes", "requests", "subprocess"}
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_modules_import_no_driver_or_runtime(module):
+    tree = ast.parse((ROOT / "dispatcher" / f"{module}.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+            elif node.module and node.module.split(".")[0] in {"runtimes", "queue", "store", "wiring", "cli"}:
+                imported.add("." + node.module)
+    assert not imported & DRIVERS, f"{module} imports {imported & DRIVERS}"
+    assert not {m for m in imported if m.startswith(".")}, f"{module} imports an adapter: {imported}"
+
+
+def test_job_image_and_dispatcher_agree_on_the_contract():
+    from dispatcher import models
+    from dispatcher.runtimes import PEAK_MARKER
+    from job_image import contract
+
+    assert (contract.EXIT_OK, contract.EXIT_BAD_INPUT, contract.EXIT_TEMPFAIL) == (
+        models.EXIT_OK, models.EXIT_BAD_INPUT, models.EXIT_TEMPFAIL)
+    assert contract.PEAK_MARKER == PEAK_MARKER
+
+
+def test_default_table_matches_the_design():
+    t = load_table(DEFAULT_TABLE)
+    assert [(c.name, c.memory_limit_bytes // MIB, c.max_running, c.timeout_s) for c in t.classes] == [
+        ("small", 512, 15, 600), ("medium", 1024, 5, 1800), ("large", 2048, 1, 3600)]
+    assert t.for_size(4_999_999).name == "small"
+    assert t.for_size(5_000_000).name == "medium"
+    assert t.for_size(19_999_999).name == "medium"
+    assert t.for_size(20_000_000).name == "large"
+    assert t.next_tier("small").name == "medium" and t.next_tier("large") is None
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"memory_limit_bytes": "2MiB"}, "greater than or equal"),
+    ({"max_running": 0}, "max_running"),
+    ({"timeout_s": "soon"}, "not a duration"),
+    ({"memory_limit_bytes": "lots"}, "not a size"),
+    ({"colour": "red"}, "colour"),
+])
+def test_a_bad_class_is_refused_with_what_to_fix(change, says):
+    table = [dict(DEFAULT_TABLE[0], **change), *DEFAULT_TABLE[1:]]
+    with pytest.raises(ConfigError) as e:
+        load_table(table, "test")
+    assert says in str(e.value) and "classes.0" in str(e.value)
+
+
+def test_limits_must_grow_so_that_escalation_helps():
+    table = [dict(DEFAULT_TABLE[0]), dict(DEFAULT_TABLE[1], memory_limit_bytes="256MiB"), DEFAULT_TABLE[2]]
+    with pytest.raises(ConfigError, match="memory limits must grow"):
+        load_table(table)
+
+
+def test_only_the_last_class_is_open_ended():
+    with pytest.raises(ConfigError, match="only the last class"):
+        load_table([dict(DEFAULT_TABLE[0], max_input_bytes=None), DEFAULT_TABLE[2]])
+    with pytest.raises(ConfigError, match="must have no max_input_bytes"):
+        load_table(DEFAULT_TABLE[:2])
+
+
+def test_table_from_env_json_and_toml_file(tmp_path):
+    f = tmp_path / "classes.toml"
+    f.write_text('[[classes]]\nname = "only"\nmemory_limit_bytes = "300MiB"\nmax_running = 2\ntimeout_s = "5min"\n')
+    assert load_table_from(None, str(f)).get("only").timeout_s == 300
+    assert load_table_from('[{"name": "x", "memory_limit_bytes": 100000000, "max_running": 1, "timeout_s": 1}]',
+                           None).top.name == "x"
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_table_from("{", None)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_table_from(None, str(tmp_path / "missing.toml"))
+
+
+def test_budget_smaller_than_the_top_tier_is_refused():
+    t = load_table(DEFAULT_TABLE)
+    with pytest.raises(ConfigError, match="JOBCELL_MEMORY_BUDGET"):
+        check_budget(t, 1024 * MIB)
+    check_budget(t, 2048 * MIB)
+
+
+def test_admission_needs_a_slot_and_room_in_the_budget():
+    t = load_table(DEFAULT_TABLE)
+    a = Admission(t, 2560 * MIB, [Running(1, "medium", 1024 * MIB)])
+    assert a.fits("small") and a.fits("medium") and not a.fits("large")  # 1 GiB + 2 GiB > 2.5 GiB
+    a.take("medium")
+    assert not a.fits("medium")  # 2 GiB used + 1 GiB > 2.5 GiB
+    assert a.fits("small")
+    full = Admission(t, 100 * 1024 * MIB, [Running(i, "large", 2048 * MIB) for i in range(1)])
+    assert not full.fits("large")  # no slot, whatever the budget
+
+
+def test_parse_bytes():
+    assert parse_bytes("512MiB") == 512 * MIB and parse_bytes("5MB") == 5_000_000 and parse_bytes(7) == 7
+    with pytest.raises(ValueError):
+        parse_bytes("12 parsecs")
+
+
+@pytest.mark.parametrize("exit, killed_by, outcome", [
+    (Exit(EXIT_OK), None, Outcome.SUCCEEDED),
+    (Exit(EXIT_BAD_INPUT), None, Outcome.BAD_INPUT),
+    (Exit(EXIT_TEMPFAIL), None, Outcome.ERROR),
+    (Exit(137, oom_killed=True), None, Outcome.OOM),
+    (Exit(137), None, Outcome.OOM),  # a SIGKILL we did not send: the memory cgroup's
+    (Exit(137), KillReason.DEADLINE, Outcome.TIMEOUT),
+    (Exit(137), KillReason.CANCEL, Outcome.CANCELLED),
+    (Exit(137, oom_killed=True), KillReason.CANCEL, Outcome.CANCELLED),
+    (Exit(None, lost=True), None, Outcome.LOST),
+    (Exit(2), None, Outcome.ERROR),
+])
+def test_classify(exit, killed_by, outcome):
+    assert classify(exit, killed_by) is outcome
+
+
+def test_decide_escalates_oom_and_stops_at_the_top():
+    t = load_table(DEFAULT_TABLE)
+    b = Backoff()
+    d = decide(Outcome.OOM, tier="small", attempt=1, max_attempts=5, table=t, backoff=b)
+    assert (d.state, d.tier, d.delay_s) == (JobState.QUEUED, "medium", 0.0)
+    d = decide(Outcome.OOM, tier="large", attempt=3, max_attempts=5, table=t, backoff=b)
+    assert d.state is JobState.FAILED and d.reason is not None and "needs more than 2048 MiB" in d.reason
+
+
+def test_decide_never_retries_bad_input_and_backs_off_errors():
+    t = load_table(DEFAULT_TABLE)
+    b = Backoff(exponent=4, jitter=0.25)
+    d = decide(Outcome.BAD_INPUT, tier="small", attempt=1, max_attempts=5, table=t, backoff=b,
+               exit_reason="encrypted PDF")
+    assert (d.state, d.reason) == (JobState.FAILED, "encrypted PDF")
+    d = decide(Outcome.ERROR, tier="medium", attempt=2, max_attempts=5, table=t, backoff=b,
+               rand=random.Random(1))
+    assert d.state is JobState.QUEUED and d.tier == "medium" and 16 <= d.delay_s <= 20
+    d = decide(Outcome.LOST, tier="small", attempt=5, max_attempts=5, table=t, backoff=b)
+    assert d.state is JobState.FAILED and "gave up after 5 attempts" in (d.reason or "")
