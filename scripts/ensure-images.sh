@@ -69,7 +69,7 @@ else
   pg_image=jobcell/postgres:local
   # Always rebuild: the layer cache makes an unchanged rebuild take about a second.
   log "building $pg_image"
-  docker build -t "$pg_image" docker/postgres-local >/tmp/jobcell-build-pg.log 2>&1 \
+  docker build -t "$pg_image" images/postgres-local >/tmp/jobcell-build-pg.log 2>&1 \
     || { tail -30 /tmp/jobcell-build-pg.log; die "postgres image build failed (log: /tmp/jobcell-build-pg.log)"; }
 fi
 echo "$pg_image" >.jobcell-pg-image
