@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -85,7 +86,7 @@ def cmd_submit(s: Settings, a: argparse.Namespace) -> int:
 def _new_job(src: str, a: argparse.Namespace, table: SizeClassTable, store: Any) -> NewJob:
     if store is None:
         params = _parse_diag(a.diag)
-        return NewJob(document_uri="diag:", document_bytes=0, unique_key=f"diag:{uuid.uuid4()}",
+        return NewJob(document_uri="diag:", document_bytes=0, unique_key=f"diag:{uuid.uuid4()}", source=src,
                       size_class=a.size_class or table.classes[0].name, workload="diag", params=params,
                       priority=a.priority, max_attempts=a.max_attempts)
     if src.startswith("s3://"):
@@ -93,7 +94,7 @@ def _new_job(src: str, a: argparse.Namespace, table: SizeClassTable, store: Any)
         uri = src
     else:
         uri, size, key = store.put(src)
-    return NewJob(document_uri=uri, document_bytes=size, unique_key=key,
+    return NewJob(document_uri=uri, document_bytes=size, unique_key=key, source=src,
                   size_class=a.size_class or table.for_size(size).name, priority=a.priority,
                   max_attempts=a.max_attempts)
 
@@ -110,9 +111,24 @@ def _wait(q: PostgresQueue, ids: list[int]) -> int:
                 print(f"job {j.id}: {j.state.value} (attempt {j.attempt}, tier {j.tier}){extra}", flush=True)
         if all(j.state.final for j in jobs):
             failed = [j.id for j in jobs if j.state is not JobState.SUCCEEDED]
-            print(f"{len(jobs) - len(failed)} succeeded, {len(failed)} failed or cancelled")
+            print()
+            print(_summary(q, ids))
+            print(f"\n{len(jobs) - len(failed)} succeeded, {len(failed)} failed or cancelled")
             return 1 if failed else 0
         time.sleep(0.5)
+
+
+def _summary(q: PostgresQueue, ids: list[int]) -> str:
+    rows = [(r["id"], os.path.basename(r["source"]) or r["source"], r["state"], r["page_count"], r["path"],
+             format_bytes(r["peak"]), None if r["duration_s"] is None else f"{r['duration_s']:.1f} s",
+             (r["reason"] or "")[:90] if r["state"] != "succeeded" else "")
+            for r in q.summary(ids)]
+    return _table(rows, ["job", "document", "outcome", "pages", "attempts (tier outcome)", "peak", "time", "reason"])
+
+
+def cmd_report(s: Settings, a: argparse.Namespace) -> int:
+    print(_summary(build_queue(s), a.ids))
+    return 0
 
 
 def cmd_run(s: Settings, a: argparse.Namespace) -> int:
@@ -213,6 +229,9 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="counts by state and class, running jobs, memory in use")
     st.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)
     st.set_defaults(fn=cmd_status)
+    rp = sub.add_parser("report", help="one line per job: outcome, pages, tiers tried, peak memory, time")
+    rp.add_argument("ids", nargs="+", type=int)
+    rp.set_defaults(fn=cmd_report)
     sh = sub.add_parser("show", help="a job and every attempt")
     sh.add_argument("id", type=int)
     sh.set_defaults(fn=cmd_show)

@@ -152,3 +152,4 @@ class NewJob:
     params: dict[str, Any] = field(default_factory=dict)
     priority: int = 0
     max_attempts: int = 5
+    source: str | None = None

@@ -114,7 +114,7 @@ class PostgresQueue:
 
     def submit(self, job: NewJob) -> tuple[int, bool]:
         def go(conn: psycopg.Connection[Row]) -> tuple[int, bool]:
-            row = self._one(conn, "submit", unique_key=job.unique_key, document_uri=job.document_uri,
+            row = self._one(conn, "submit", unique_key=job.unique_key, document_uri=job.document_uri, source=job.source,
                             document_bytes=job.document_bytes, workload=job.workload, params=Jsonb(job.params),
                             size_class=job.size_class, priority=job.priority, max_attempts=job.max_attempts)
             if row is not None:
@@ -248,6 +248,9 @@ class PostgresQueue:
 
     def counts(self) -> list[Row]:
         return self._run(lambda c: self._all(c, "counts"))
+
+    def summary(self, ids: Sequence[int]) -> list[Row]:
+        return self._run(lambda c: self._all(c, "summary", ids=list(ids)))
 
     def running_jobs(self) -> list[Row]:
         return self._run(lambda c: self._all(c, "running_jobs"))

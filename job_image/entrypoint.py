@@ -37,8 +37,9 @@ def main() -> int:
     except TempFail as e:
         print(f"temporary failure: {e}", file=sys.stderr)
         code = EXIT_TEMPFAIL
-    except MemoryError:
-        print("out of memory", file=sys.stderr)
+    except MemoryError as e:
+        # Same outcome as the cgroup's kill (oom, retried on a bigger tier), when we live to report it.
+        print(f"out of memory: {e}" if str(e) else "out of memory", file=sys.stderr)
         code = 137
     except Exception as e:  # anything else: retried on the same tier up to max attempts
         traceback.print_exc()

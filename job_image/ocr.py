@@ -26,8 +26,14 @@ def ocr(image: Image.Image, lang: str = "eng", timeout_s: float = 300, dpi: int 
     try:
         data = pytesseract.image_to_data(image, lang=lang, config=config, timeout=timeout_s,
                                          output_type=pytesseract.Output.DICT)
-    except RuntimeError as e:  # pytesseract's timeout
-        raise TempFail(f"tesseract took longer than {timeout_s:.0f} s on one page") from e
+    except pytesseract.TesseractError as e:
+        if e.status in (-9, 137):  # SIGKILLed: in a capped container, the memory cgroup's doing
+            raise MemoryError(f"tesseract was killed on a {image.width}x{image.height} page") from e
+        raise
+    except RuntimeError as e:
+        if "timeout" in str(e).lower():
+            raise TempFail(f"tesseract took longer than {timeout_s:.0f} s on one page") from e
+        raise
     words: list[dict[str, Any]] = []
     lines: dict[tuple[int, int, int], list[str]] = {}
     for i, word in enumerate(data["text"]):

@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import psycopg
 import pytest
 
-import docker
 from dispatcher.classes import SizeClassTable, load_table
 from dispatcher.loop import Dispatcher, LoopConfig
 from dispatcher.models import MIB, Job

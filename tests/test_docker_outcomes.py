@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import docker
+
 from dispatcher.classes import load_table
 from dispatcher.models import MIB, JobState
 from dispatcher.queue import PostgresQueue

@@ -10,11 +10,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import docker
 from docker.errors import APIError, DockerException, NotFound
 from docker.models.containers import Container
 from docker.types import LogConfig
-
-import docker
 
 from ..models import Exit, Handle, LaunchSpec
 from . import job_env, last_line, peak_from_output, tail
@@ -145,7 +144,7 @@ class DockerRuntime:
 
     def cleanup(self, handle: Handle) -> None:
         with contextlib.suppress(NotFound):
-            self.client.containers.get(handle.ref).remove(force=True)
+            self.client.containers.get(handle.ref).remove(force=True, v=True)  # v: its scratch volume too
         self._forget(handle.ref)
 
     def owned(self) -> Sequence[Handle]:

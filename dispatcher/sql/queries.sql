@@ -1,9 +1,9 @@
 -- Named queries, loaded by dispatcher/sql/__init__.py. Every value is a bound parameter.
 
 -- name: submit
-INSERT INTO jobs (unique_key, document_uri, document_bytes, workload, params, size_class, tier, priority,
+INSERT INTO jobs (unique_key, document_uri, source, document_bytes, workload, params, size_class, tier, priority,
                   max_attempts)
-VALUES (%(unique_key)s, %(document_uri)s, %(document_bytes)s, %(workload)s, %(params)s, %(size_class)s,
+VALUES (%(unique_key)s, %(document_uri)s, %(source)s, %(document_bytes)s, %(workload)s, %(params)s, %(size_class)s,
         %(size_class)s, %(priority)s, %(max_attempts)s)
 ON CONFLICT (unique_key) DO NOTHING
 RETURNING id;
@@ -128,6 +128,16 @@ SELECT state, size_class, count(*) AS n FROM jobs GROUP BY state, size_class ORD
 SELECT j.id, j.tier, j.memory_limit_bytes, j.pool, j.lease_owner, j.attempt, a.started_at, j.document_uri
 FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.attempt = j.attempt
 WHERE j.state = 'running' ORDER BY j.id;
+
+-- name: summary
+SELECT j.id, coalesce(j.source, j.document_uri) AS source, j.state, j.tier, j.attempt, j.reason, r.page_count,
+       (SELECT a.peak_memory_bytes FROM job_attempts a WHERE a.job_id = j.id AND a.attempt = j.attempt) AS peak,
+       (SELECT sum(a.duration_s) FROM job_attempts a WHERE a.job_id = j.id) AS duration_s,
+       (SELECT string_agg(a.tier || ' ' || coalesce(a.outcome, 'running'), ' -> ' ORDER BY a.attempt)
+        FROM job_attempts a WHERE a.job_id = j.id) AS path
+FROM jobs j LEFT JOIN document_results r ON r.job_id = j.id
+WHERE j.id = ANY(%(ids)s)
+ORDER BY j.id;
 
 -- name: now
 SELECT now();

@@ -4,6 +4,7 @@ CREATE TABLE jobs (
     id                 bigserial PRIMARY KEY,
     unique_key         text UNIQUE,
     document_uri       text NOT NULL,
+    source             text,  -- what the user submitted (a path or URI), for display
     document_bytes     bigint NOT NULL CHECK (document_bytes >= 0),
     workload           text NOT NULL DEFAULT 'ocr',
     params             jsonb NOT NULL DEFAULT '{}'::jsonb,

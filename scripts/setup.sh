@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Everything the demo and the tests need, idempotently: a Docker engine, the base / Postgres / job images,
+# and a Python virtualenv with jobcell installed. Fast when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/ensure-docker.sh
+bash scripts/ensure-images.sh
+
+py=${PYTHON:-python3}
+"$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "[jobcell] ERROR: Python >= 3.11 is needed (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+[[ -x .venv/bin/python ]] || "$py" -m venv .venv
+# Reinstall only when the dependencies changed.
+want=$(sha256sum pyproject.toml | cut -c1-16)
+if [[ $(cat .venv/.jobcell-installed 2>/dev/null) != "$want" ]]; then
+  echo "[jobcell] installing Python dependencies into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,job]'
+  echo "$want" > .venv/.jobcell-installed
+fi
+echo "[jobcell] setup done"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test command: set up (engine, images, venv), then lint, type-check and run the whole suite against a
+# real Docker engine and a real Postgres. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+export TESTCONTAINERS_RYUK_DISABLED=true  # the reaper image cannot be pulled without a registry
+
+.venv/bin/ruff check .
+.venv/bin/mypy
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [[ $rc -eq 5 ]]; then
+  echo "[jobcell] ERROR: pytest collected no tests; that is a failure, not a pass" >&2
+  exit 1
+fi
+exit $rc
