@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .classes import SizeClassTable, format_bytes
@@ -26,6 +27,7 @@ class LoopConfig:
     heartbeat_s: float = 10.0
     reconcile_s: float = 5.0
     max_claim: int = 32
+    io_threads: int = 8  # engine calls (launch, inspect, logs, remove) run side by side
     backoff: Backoff = field(default_factory=Backoff)
 
 
@@ -57,6 +59,7 @@ class Dispatcher:
         self._next_heartbeat = 0.0
         self._next_reconcile = 0.0
         self._errors = 0
+        self._pool = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="jobcell-io")
 
     # -- main loop ------------------------------------------------------------------------------------
 
@@ -79,6 +82,7 @@ class Dispatcher:
             self.wake.clear()
         if not self.draining:
             self._leave()
+        self._pool.shutdown(wait=True)
         log.info("dispatcher %s stopped", self.cfg.owner)
 
     def stop(self, drain: bool = False) -> None:
@@ -101,29 +105,35 @@ class Dispatcher:
     # -- steps ----------------------------------------------------------------------------------------
 
     def claim_and_launch(self) -> None:
-        for claimed in self.queue.claim(self.cfg.owner, self.cfg.pool, self.cfg.budget_bytes, self.cfg.max_claim):
-            spec = claimed.spec
-            w = Watched(spec, claimed.job.max_attempts, None, self.clock())
+        claimed = self.queue.claim(self.cfg.owner, self.cfg.pool, self.cfg.budget_bytes, self.cfg.max_claim)
+        fresh = [Watched(c.spec, c.job.max_attempts, None, self.clock()) for c in claimed]
+        for w in fresh:
             self.watched[w.key] = w
-            log.info("job %s attempt %s: launching on %s (%s)", spec.job_id, spec.attempt, spec.tier,
-                     format_bytes(spec.memory_limit_bytes))
-            try:
-                w.handle = self.runtime.launch(spec)
-            except Exception as e:
-                log.error("job %s attempt %s: launch failed: %s", spec.job_id, spec.attempt, e)
-                self._finish(w, Exit(exit_code=None, lost=True, reason=f"launch failed: {e}"))
-                raise  # the engine may be down: let the loop back off before claiming more
-            self.queue.started(spec.job_id, spec.attempt, self.runtime.name, w.handle.ref)
+        # Launches are I/O on the engine: side by side, as `docker run`s in parallel would be.
+        failures = [e for e in self._pool.map(self._launch, fresh) if e is not None]
+        if failures:
+            raise failures[0]  # the engine may be down: let the loop back off before claiming more
+
+    def _launch(self, w: Watched) -> Exception | None:
+        spec = w.spec
+        log.info("job %s attempt %s: launching on %s (%s)", *w.key, spec.tier, format_bytes(spec.memory_limit_bytes))
+        try:
+            w.handle = self.runtime.launch(spec)
+        except Exception as e:
+            log.error("job %s attempt %s: launch failed: %s", *w.key, e)
+            self._finish(w, Exit(exit_code=None, lost=True, reason=f"launch failed: {e}"))
+            return e
+        self.queue.started(spec.job_id, spec.attempt, self.runtime.name, w.handle.ref)
+        return None
 
     def watch_units(self) -> None:
         now = self.clock()
-        for w in list(self.watched.values()):
-            if w.handle is None:
-                continue
-            ended = self.runtime.poll(w.handle)
-            if ended is not None:
-                self._finish(w, ended)
-            elif w.killing is None and now - w.started > w.spec.timeout_s:
+        live = [w for w in self.watched.values() if w.handle is not None]
+        polled = list(self._pool.map(lambda w: (w, self.runtime.poll(w.handle)), live))
+        ended = [(w, e) for w, e in polled if e is not None]
+        list(self._pool.map(lambda we: self._finish(*we), ended))
+        for w, e in polled:
+            if e is None and w.killing is None and now - w.started > w.spec.timeout_s:
                 log.warning("job %s attempt %s: past the %s deadline (%.0f s); killing", *w.key, w.spec.tier,
                             w.spec.timeout_s)
                 self._kill(w, KillReason.DEADLINE)
@@ -197,7 +207,7 @@ class Dispatcher:
                         *w.key, outcome.value)
         if w.handle:
             self.runtime.cleanup(w.handle)
-        del self.watched[w.key]
+        self.watched.pop(w.key, None)
 
     def _leave(self) -> None:
         """Stop without draining: units keep running and our leases expire now, for prompt adoption."""

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import docker
-from docker.errors import APIError, DockerException, NotFound
-from docker.models.containers import Container
+from docker.errors import APIError, NotFound
 from docker.types import LogConfig
 
 from ..models import Exit, Handle, LaunchSpec
@@ -47,7 +46,6 @@ class DockerRuntime:
         self.options = options
         self.client = client or docker.from_env(timeout=60)
         self._peaks: dict[str, int] = {}  # container id -> highest memory usage sampled
-        self._sampled: dict[str, float] = {}
 
     # -- launch ---------------------------------------------------------------------------------------
 
@@ -100,7 +98,6 @@ class DockerRuntime:
             return Exit(exit_code=None, lost=True, reason="the container vanished")
         state = c.attrs["State"]
         if state["Status"] in ("created", "running", "restarting", "paused"):
-            self._sample(c)
             return None
         limit = int(c.attrs["HostConfig"]["Memory"] or 0)
         stdout = c.logs(stdout=True, stderr=False, tail=200).decode(errors="replace")
@@ -113,25 +110,23 @@ class DockerRuntime:
         return Exit(exit_code=int(state["ExitCode"]), oom_killed=oom, peak_memory_bytes=peak,
                     log_tail=tail(stdout + stderr), reason=last_line(stderr))
 
-    def _sample(self, c: Container) -> None:
-        """Keep the highest memory usage seen: the fallback when a job cannot report its own peak."""
-        ref = c.id or ""
-        now = time.monotonic()
-        if now - self._sampled.get(ref, 0.0) < self.options.stats_every_s:
-            return
-        self._sampled[ref] = now
-        try:
-            stats = cast(dict[str, Any], c.stats(stream=False, one_shot=True))
-        except (APIError, DockerException):
-            return
-        mem = stats.get("memory_stats") or {}
-        seen = int(mem.get("max_usage") or mem.get("usage") or 0)
-        if seen:
-            self._peaks[ref] = max(self._peaks.get(ref, 0), seen)
+    def _sample_forever(self) -> None:
+        """Keep the highest memory usage seen per container: the fallback when a job cannot report its own
+        peak (killed at its deadline, crashed hard). On its own thread: a stats call can take a second."""
+        while True:
+            try:
+                for c in self.client.containers.list(filters={"label": f"{LABEL_POOL}={self.options.pool}"}):
+                    stats = cast(dict[str, Any], c.stats(stream=False, one_shot=True))
+                    mem = stats.get("memory_stats") or {}
+                    seen = int(mem.get("max_usage") or mem.get("usage") or 0)
+                    if seen and c.id:
+                        self._peaks[c.id] = max(self._peaks.get(c.id, 0), seen)
+            except Exception as e:  # the engine is down or the container just went: try again later
+                log.debug("memory sampling skipped: %s", e)
+            time.sleep(self.options.stats_every_s)
 
     def _forget(self, ref: str) -> None:
         self._peaks.pop(ref, None)
-        self._sampled.pop(ref, None)
 
     def kill(self, handle: Handle) -> None:
         try:
@@ -160,6 +155,7 @@ class DockerRuntime:
 
     def watch(self, wake: Callable[[], None]) -> None:
         threading.Thread(target=self._events, args=(wake,), name="jobcell-docker-events", daemon=True).start()
+        threading.Thread(target=self._sample_forever, name="jobcell-docker-stats", daemon=True).start()
 
     def _events(self, wake: Callable[[], None]) -> None:
         filters = {"type": "container", "event": "die", "label": f"{LABEL_POOL}={self.options.pool}"}
