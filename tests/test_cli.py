@@ -1,0 +1,112 @@
+"""The jobcell command line, run as a user runs it: a subprocess against a real Postgres."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispatcher.models import JobState
+
+from .conftest import CORPUS, ROOT, classes_json
+
+
+def jobcell(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dispatcher.cli", *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli_env(db_url: str, tmp_path: Path, pool: str) -> dict[str, str]:
+    return dict(os.environ, JOBCELL_DATABASE_URL=db_url, JOBCELL_CLASSES=classes_json(),
+                JOBCELL_STORE_DIR=str(tmp_path / "store"), JOBCELL_POOL=pool, JOBCELL_NETWORK="none")
+
+
+def test_migrate_is_idempotent(cli_env):
+    first = jobcell("migrate", env=cli_env)
+    assert first.returncode == 0 and "applied: 0001_queue.sql, 0002_pages.sql" in first.stdout
+    again = jobcell("migrate", env=cli_env)
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_classes_prints_the_default_table():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCELL_")}
+    out = jobcell("classes", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["class", "input", "bytes", "memory", "limit", "max", "running", "timeout"]
+    assert lines[1].split()[:1] + lines[1].split()[4:] == ["small", "512", "MiB", "15", "10", "min"]
+    assert lines[3].split()[:2] == ["large", "rest"]
+
+
+@pytest.mark.parametrize("var, value, says", [
+    ("JOBCELL_CLASSES", '[{"name": "small", "memory_limit_bytes": "1MiB", "max_running": 1, "timeout_s": 5}]',
+     "classes.0.memory_limit_bytes"),
+    ("JOBCELL_CLASSES_FILE", "/nonexistent/classes.toml", "does not exist"),
+    ("JOBCELL_MEMORY_BUDGET", "150%", "JOBCELL_MEMORY_BUDGET"),
+    ("JOBCELL_LEASE_TTL_S", "soon", "JOBCELL_LEASE_TTL_S"),
+])
+def test_a_bad_config_is_refused_at_start_saying_what_to_fix(var, value, says):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCELL_")}
+    env.update({var: value, "JOBCELL_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"})
+    out = jobcell("run", env=env, timeout=30)
+    assert out.returncode == 2
+    assert says in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_budget_below_the_top_tier_is_refused_at_start(cli_env):
+    out = jobcell("run", env=dict(cli_env, JOBCELL_MEMORY_BUDGET="100MiB"), timeout=30)
+    assert out.returncode == 2 and "raise JOBCELL_MEMORY_BUDGET" in out.stderr
+
+
+def test_missing_database_url_is_explained():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCELL_")}
+    out = jobcell("status", env=env)
+    assert out.returncode == 2 and "JOBCELL_DATABASE_URL is not set" in out.stderr
+
+
+def test_submit_stores_once_and_deduplicates(cli_env, tmp_path, queue):
+    doc = CORPUS / "tesseract-phototest.tif"
+    first = jobcell("submit", str(doc), "--priority", "3", env=cli_env)
+    assert first.returncode == 0, first.stderr
+    job_id = int(first.stdout.split()[1].rstrip(":"))
+    again = jobcell("submit", str(doc), env=cli_env)
+    assert f"job {job_id}:" in again.stdout and "already submitted" in again.stdout
+    job = queue.get(job_id)
+    assert (job.state, job.size_class, job.priority, job.document_bytes) == (
+        JobState.QUEUED, "small", 3, doc.stat().st_size)
+    stored = list((tmp_path / "store").iterdir())
+    assert len(stored) == 1 and stored[0].read_bytes() == doc.read_bytes()
+
+
+def test_submit_of_a_missing_file_fails_clearly(cli_env, queue):
+    out = jobcell("submit", "/nonexistent/scan.pdf", env=cli_env)
+    assert out.returncode == 2 and "/nonexistent/scan.pdf: no such file" in out.stderr
+
+
+def test_status_show_and_cancel(cli_env, queue):
+    out = jobcell("submit", "--diag", "sleep_s=30", env=cli_env)
+    job_id = int(out.stdout.split()[1].rstrip(":"))
+    status = jobcell("status", env=cli_env)
+    assert status.returncode == 0
+    assert status.stdout.splitlines()[1].split() == ["queued", "1", "0", "0"]
+    cancel = jobcell("cancel", str(job_id), env=cli_env)
+    assert cancel.returncode == 0 and "cancelled" in cancel.stdout
+    show = jobcell("show", str(job_id), env=cli_env)
+    assert f"job {job_id}: cancelled" in show.stdout and "reason: cancelled by request" in show.stdout
+
+
+def test_claims_follow_priority_then_age(queue):
+    from dispatcher.models import MIB
+
+    from .conftest import diag
+
+    low = diag(queue, priority=0)
+    high = diag(queue, priority=5)
+    older_low = low
+    newer_low = diag(queue, priority=0)
+    taken = [c.job.id for c in queue.claim("d", "p", 4096 * MIB, 3)]
+    assert taken == [high, older_low, newer_low]
