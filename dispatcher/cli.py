@@ -132,9 +132,7 @@ def cmd_report(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_run(s: Settings, a: argparse.Namespace) -> int:
-    d = build_dispatcher(s)
-    if a.migrate:
-        d.queue.migrate()  # type: ignore[attr-defined]
+    d = build_dispatcher(s, migrate=a.migrate)
 
     def on_term(signum: int, _frame: Any) -> None:
         log.info("%s received: %s", signal.Signals(signum).name,

@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential_jitter
 
 from .classes import Admission, SizeClassTable
-from .errors import NotFound
+from .errors import ConfigError, NotFound
 from .models import Job, JobState, KillReason, LaunchSpec, NewJob, Running
 from .ports import Claimed, Finish
 from .sql import migrations, query
@@ -232,6 +232,16 @@ class PostgresQueue:
         if row is None:
             raise NotFound(f"no job {job_id}")
         return job_from_row(row)
+
+    def queue_id(self) -> str:
+        """This queue's identity (created by the first migration)."""
+        try:
+            row = self._run(lambda c: self._one(c, "queue_id"))
+        except psycopg.errors.UndefinedTable:
+            raise ConfigError("the database has no jobcell schema yet: run `jobcell migrate` "
+                              "(or start the dispatcher with `jobcell run --migrate`)") from None
+        assert row is not None
+        return str(row["value"])
 
     def now(self) -> datetime:
         row = self._run(lambda c: self._one(c, "now"))

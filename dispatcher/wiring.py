@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+import docker
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from .classes import check_budget
 from .loop import Dispatcher, LoopConfig
@@ -13,6 +17,8 @@ from .queue import PostgresQueue
 from .runtimes.docker import DockerOptions, DockerRuntime
 from .settings import Settings
 from .store import LocalStore, S3Store
+
+log = logging.getLogger("jobcell.wiring")
 
 
 def build_queue(s: Settings, *, give_up_after_s: float | None = 60.0) -> PostgresQueue:
@@ -25,24 +31,46 @@ def build_store(s: Settings) -> DocumentStore:
     return LocalStore(s.store_dir)
 
 
-def build_runtime(s: Settings) -> DockerRuntime:
+def build_runtime(s: Settings, queue_id: str, client: docker.DockerClient | None = None) -> DockerRuntime:
     mount = s.store_mount or str(Path(s.store_dir).resolve())
     env = s.passed_env()
     if s.s3_endpoint:
         env.setdefault("JOBCELL_S3_ENDPOINT", s.s3_endpoint)
-    return DockerRuntime(DockerOptions(
-        image=s.job_image, pool=s.pool, network_mode=s.network, user=s.job_user, pids_limit=s.pids_limit,
-        tmpfs_size=s.tmpfs_size, cpus=s.job_cpus, store_source=None if s.s3_bucket else mount, env=env))
+    options = DockerOptions(image=s.job_image, pool=s.pool, queue_id=queue_id, network_mode=s.network,
+                            user=s.job_user, pids_limit=s.pids_limit, tmpfs_size=s.tmpfs_size, cpus=s.job_cpus,
+                            store_source=None if s.s3_bucket else mount, env=env)
+    return DockerRuntime(options, client=client)
 
 
-def build_dispatcher(s: Settings) -> Dispatcher:
+def _engine(s: Settings) -> docker.DockerClient:
+    """A client for a reachable engine; waits it out (logged, with backoff) rather than failing the start."""
+    for attempt in Retrying(retry=retry_if_exception_type(docker.errors.DockerException),
+                            wait=wait_exponential_jitter(multiplier=0.5, max=30), before_sleep=_log_engine_retry,
+                            reraise=True):
+        with attempt:
+            client = docker.from_env(timeout=60)
+            client.ping()
+            return client
+    raise AssertionError("unreachable")
+
+
+def _log_engine_retry(state: RetryCallState) -> None:
+    log.warning("Docker engine unavailable (%s); retrying in %.1f s",
+                state.outcome.exception() if state.outcome else "?", state.next_action.sleep if state.next_action
+                else 0)
+
+
+def build_dispatcher(s: Settings, migrate: bool = False) -> Dispatcher:
     table = s.table()
-    runtime = build_runtime(s)
-    budget = s.budget_bytes(runtime.memory_total())
+    client = _engine(s)
+    budget = s.budget_bytes(int(client.info()["MemTotal"]))
     check_budget(table, budget)
+    queue = build_queue(s, give_up_after_s=None)  # the dispatcher waits out a database outage
+    if migrate:
+        queue.migrate()
+    runtime = build_runtime(s, queue.queue_id(), client)
     if not s.s3_bucket:
         os.makedirs(s.store_dir, exist_ok=True)
-    queue = build_queue(s, give_up_after_s=None)  # the dispatcher waits out a database outage
     config = LoopConfig(owner=s.dispatcher_id, pool=s.pool, budget_bytes=budget, poll_s=s.poll_interval_s,
                         heartbeat_s=s.lease_ttl_s / 3, reconcile_s=max(2.0, s.lease_ttl_s / 6),
                         backoff=Backoff(s.backoff_exponent, s.backoff_cap_s))

@@ -45,12 +45,12 @@ else
   log "docker engine: ready"
 fi
 
-# compose is only used to validate compose.yaml, so failing to get it is not fatal.
+# compose runs compose.yaml (and its test); a failed install is reported here and fails that test later.
 if docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null; then
   :
 elif can_apt; then
   log "installing docker-compose via apt"
-  apt_install docker-compose || log "WARNING: docker-compose install failed; compose.yaml checks will be skipped"
+  apt_install docker-compose || log "WARNING: docker-compose install failed; tests/test_compose.py will fail"
 else
-  log "WARNING: neither 'docker compose' nor 'docker-compose' found; compose.yaml checks will be skipped"
+  log "WARNING: neither 'docker compose' nor 'docker-compose' found; install one to use compose.yaml"
 fi

@@ -113,9 +113,9 @@ def pool(docker_client: docker.DockerClient) -> Iterator[str]:
 
 
 @pytest.fixture
-def runtime(docker_client: docker.DockerClient, job_image: str, pool: str) -> DockerRuntime:
-    return DockerRuntime(DockerOptions(image=job_image, pool=pool, network_mode="none", stats_every_s=0.5),
-                         client=docker_client)
+def runtime(docker_client: docker.DockerClient, job_image: str, pool: str, queue: PostgresQueue) -> DockerRuntime:
+    return DockerRuntime(DockerOptions(image=job_image, pool=pool, queue_id=queue.queue_id(), network_mode="none",
+                                       stats_every_s=0.5), client=docker_client)
 
 
 class Running:

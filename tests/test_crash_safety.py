@@ -144,3 +144,41 @@ def test_admission_keeps_running_limits_within_budget_and_slots(queue, start_dis
     over = [s for s in samples if s[0] > budget or any(n > slots[t] for t, n in s[1].items())]
     assert not over, f"budget or slots exceeded: {over[:5]}"
     assert max(s[0] for s in samples) > 256 * MIB, "jobs should run side by side while they fit"
+
+
+def test_another_queue_sharing_the_pool_name_leaves_our_containers_alone(queue, start_dispatcher, pg_server, table,
+                                                                          docker_client, job_image, pool):
+    """Two deployments on one engine with the same pool name: job ids collide, but the queue label keeps
+    each dispatcher's reconciliation to its own containers."""
+    import uuid as _uuid
+
+    import psycopg
+
+    from dispatcher.loop import Dispatcher, LoopConfig
+    from dispatcher.queue import PostgresQueue
+    from dispatcher.runtimes.docker import DockerOptions, DockerRuntime
+
+    from .conftest import Running
+
+    ours = diag(queue, sleep_s=6)
+    start_dispatcher()
+    wait_for(lambda: len(running_containers(docker_client, pool)) == 1, 30, "our container")
+    name = "t_" + _uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    other_url = pg_server.rsplit("/", 1)[0] + "/" + name
+    other_q = PostgresQueue(other_url, table, lease_ttl_s=4.0)
+    other_q.migrate()
+    other_runtime = DockerRuntime(DockerOptions(image=job_image, pool=pool, queue_id=other_q.queue_id(),
+                                                network_mode="none"), client=docker_client)
+    other = Running(Dispatcher(other_q, other_runtime, table, LoopConfig(
+        owner="other", pool=pool, budget_bytes=4096 * MIB, poll_s=0.2, reconcile_s=0.5)))
+    try:
+        [j] = wait_final(queue, [ours], timeout=60)
+    finally:
+        other.stop()
+        other_q.close()
+        with psycopg.connect(pg_server, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    assert (j.state, j.attempt) == (JobState.SUCCEEDED, 1)
+    assert [a["outcome"] for a in queue.attempts(ours)] == ["succeeded"]

@@ -14,6 +14,7 @@ from dispatcher.loop import Dispatcher, LoopConfig
 from dispatcher.models import MIB, JobState
 from dispatcher.outcome import Backoff
 from dispatcher.queue import PostgresQueue
+from dispatcher.runtimes.docker import DockerOptions, DockerRuntime
 
 from .conftest import Running, diag, pg_image, wait_final, wait_for
 
@@ -48,10 +49,12 @@ def own_postgres(docker_client):
         c.remove(force=True)
 
 
-def test_database_outage_loses_no_job(own_postgres, table, runtime, pool, caplog):
+def test_database_outage_loses_no_job(own_postgres, table, docker_client, job_image, pool, caplog):
     container, url, up = own_postgres
     q = PostgresQueue(url, table, lease_ttl_s=4.0, give_up_after_s=120)
     q.migrate()
+    runtime = DockerRuntime(DockerOptions(image=job_image, pool=pool, queue_id=q.queue_id(), network_mode="none"),
+                            client=docker_client)
     ids = [diag(q, sleep_s=4) for _ in range(3)]
 
     dq = PostgresQueue(url, table, lease_ttl_s=4.0, give_up_after_s=None)

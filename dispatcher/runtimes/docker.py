@@ -23,12 +23,14 @@ LABEL_JOB = "jobcell.job"
 LABEL_ATTEMPT = "jobcell.attempt"
 LABEL_POOL = "jobcell.pool"
 LABEL_TIER = "jobcell.tier"
+LABEL_QUEUE = "jobcell.queue"
 
 
 @dataclass(frozen=True)
 class DockerOptions:
     image: str = "jobcell-job:dev"
     pool: str = "default"
+    queue_id: str = ""  # the queue's identity; with the pool, it scopes which containers are ours
     network_mode: str = "bridge"
     user: str = "10001:10001"
     pids_limit: int = 256
@@ -57,7 +59,7 @@ class DockerRuntime:
             name=spec.name,
             environment={**o.env, **job_env(spec)},
             labels={LABEL_JOB: str(spec.job_id), LABEL_ATTEMPT: str(spec.attempt), LABEL_POOL: o.pool,
-                    LABEL_TIER: spec.tier},
+                    LABEL_TIER: spec.tier, LABEL_QUEUE: o.queue_id},
             mem_limit=spec.memory_limit_bytes,
             memswap_limit=spec.memory_limit_bytes,  # equal: no swap, so the cap is a real cap
             pids_limit=o.pids_limit,
@@ -143,7 +145,8 @@ class DockerRuntime:
         self._forget(handle.ref)
 
     def owned(self) -> Sequence[Handle]:
-        found = self.client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={self.options.pool}"})
+        ours = [f"{LABEL_POOL}={self.options.pool}", f"{LABEL_QUEUE}={self.options.queue_id}"]
+        found = self.client.containers.list(all=True, filters={"label": ours})
         out = []
         for c in found:
             labels = c.labels
@@ -166,6 +169,3 @@ class DockerRuntime:
             except Exception as e:  # the engine went away; the loop keeps polling meanwhile
                 log.warning("docker event stream lost (%s); reconnecting", e)
             time.sleep(2.0)
-
-    def memory_total(self) -> int:
-        return int(self.client.info()["MemTotal"])

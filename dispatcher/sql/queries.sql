@@ -139,5 +139,8 @@ FROM jobs j LEFT JOIN document_results r ON r.job_id = j.id
 WHERE j.id = ANY(%(ids)s)
 ORDER BY j.id;
 
+-- name: queue_id
+SELECT value FROM jobcell_meta WHERE key = 'queue_id';
+
 -- name: now
 SELECT now();

@@ -1,3 +1,8 @@
+-- This queue's identity: job containers carry it as a label, so that two deployments that share a Docker
+-- engine and a pool name never adopt or remove each other's containers (their job ids collide).
+CREATE TABLE jobcell_meta (key text PRIMARY KEY, value text NOT NULL);
+INSERT INTO jobcell_meta (key, value) VALUES ('queue_id', gen_random_uuid()::text);
+
 -- jobs: one row per document; job_attempts: one row per attempt. (job_id, attempt) is the attempt's
 -- identity: its primary key is what makes two dispatchers unable to run the same attempt twice.
 CREATE TABLE jobs (
