@@ -186,6 +186,15 @@ def cmd_status(s: Settings, a: argparse.Namespace) -> int:
 def cmd_show(s: Settings, a: argparse.Namespace) -> int:
     q = build_queue(s)
     j = q.get(a.id)
+    if a.text:
+        pages = q.pages(j.id)
+        if not pages:
+            print(f"job {j.id} ({j.state.value}) has no stored pages", file=sys.stderr)
+            return 1
+        for p in pages:
+            print(f"=== page {p['page']} ===")
+            print(p["text"])
+        return 0
     print(f"job {j.id}: {j.state.value}  class {j.size_class}  tier {j.tier}  attempts {j.attempt}/{j.max_attempts}")
     print(f"document: {j.document_uri} ({format_bytes(j.document_bytes)}), workload {j.workload}")
     if j.reason:
@@ -197,6 +206,32 @@ def cmd_show(s: Settings, a: argparse.Namespace) -> int:
     if rows:
         print()
         print(_table(rows, ["attempt", "tier", "limit", "outcome", "exit", "peak", "duration", "reason"]))
+    return 0
+
+
+def cmd_export(s: Settings, a: argparse.Namespace) -> int:
+    q = build_queue(s)
+    j = q.get(a.id)
+    result = q.result(j.id) or {}
+    pages = [{"page": p["page"], "dpi": p["dpi"], "width": p["width"], "height": p["height"], "text": p["text"],
+              "mean_confidence": p["mean_confidence"], "words": p["words"]} for p in q.pages(j.id)]
+    doc = {
+        "job": {"id": j.id, "state": j.state.value, "source": j.document_uri, "size_class": j.size_class,
+                "tier": j.tier, "attempts": j.attempt, "reason": j.reason},
+        "media_type": result.get("media_type"),
+        "page_count": result.get("page_count"),
+        "complete": result.get("completed_at") is not None,
+        "pages": pages,
+        "manifest": {"status": result.get("manifest_status"), "model": result.get("model"),
+                     "content": result.get("manifest")},
+    }
+    text = json.dumps(doc, indent=2, default=str)
+    if a.output == "-":
+        print(text)
+    else:
+        with open(a.output, "w") as f:
+            f.write(text + "\n")
+        print(f"job {j.id}: {len(pages)} pages written to {a.output}")
     return 0
 
 
@@ -232,7 +267,12 @@ def parser() -> argparse.ArgumentParser:
     rp.set_defaults(fn=cmd_report)
     sh = sub.add_parser("show", help="a job and every attempt")
     sh.add_argument("id", type=int)
+    sh.add_argument("--text", action="store_true", help="print the OCR text page by page instead")
     sh.set_defaults(fn=cmd_show)
+    ex = sub.add_parser("export", help="a job's result as JSON: pages, words with boxes and confidences, manifest")
+    ex.add_argument("id", type=int)
+    ex.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    ex.set_defaults(fn=cmd_export)
     return p
 
 

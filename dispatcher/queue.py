@@ -259,6 +259,12 @@ class PostgresQueue:
     def counts(self) -> list[Row]:
         return self._run(lambda c: self._all(c, "counts"))
 
+    def pages(self, job_id: int) -> list[Row]:
+        return self._run(lambda c: self._all(c, "pages", job_id=job_id))
+
+    def result(self, job_id: int) -> Row | None:
+        return self._run(lambda c: self._one(c, "result", job_id=job_id))
+
     def summary(self, ids: Sequence[int]) -> list[Row]:
         return self._run(lambda c: self._all(c, "summary", ids=list(ids)))
 

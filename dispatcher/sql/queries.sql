@@ -139,6 +139,17 @@ FROM jobs j LEFT JOIN document_results r ON r.job_id = j.id
 WHERE j.id = ANY(%(ids)s)
 ORDER BY j.id;
 
+-- name: pages
+SELECT page, attempt, dpi, width, height, text, words, mean_confidence, ocr_seconds
+FROM document_pages WHERE job_id = %(job_id)s ORDER BY page;
+
+-- name: result
+SELECT r.media_type, r.page_count, r.completed_at, m.status AS manifest_status, m.model, m.manifest
+FROM jobs j
+LEFT JOIN document_results r ON r.job_id = j.id
+LEFT JOIN document_manifests m ON m.job_id = j.id
+WHERE j.id = %(job_id)s;
+
 -- name: queue_id
 SELECT value FROM jobcell_meta WHERE key = 'queue_id';
 

@@ -21,3 +21,12 @@ CREATE TABLE document_results (
     page_count  integer NOT NULL,
     completed_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- The optional LLM pass: 'done' with the manifest, or 'skipped' when no API key was configured.
+CREATE TABLE document_manifests (
+    job_id      bigint PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+    status      text NOT NULL CHECK (status IN ('done', 'skipped')),
+    model       text,
+    manifest    jsonb,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
