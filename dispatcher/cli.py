@@ -95,6 +95,7 @@ def _new_job(src: str, a: argparse.Namespace, table: SizeClassTable, store: Any)
     else:
         uri, size, key = store.put(src)
     return NewJob(document_uri=uri, document_bytes=size, unique_key=key, source=src,
+                  params={"lang": a.lang} if a.lang else {},
                   size_class=a.size_class or table.for_size(size).name, priority=a.priority,
                   max_attempts=a.max_attempts)
 
@@ -249,6 +250,7 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--wait", action="store_true", help="show progress until every job ends; non-zero if any failed")
     sm.add_argument("--class", dest="size_class", help="force a size class instead of choosing by size")
     sm.add_argument("--max-attempts", type=int, default=None)
+    sm.add_argument("--lang", help="tesseract languages for these documents, e.g. eng+deu (default: the image's)")
     sm.add_argument("--diag", metavar="SPEC", help="a diagnostic job instead of a document: "
                     "alloc_mib=N,sleep_s=S,exit_code=C,message=TEXT")
     sm.set_defaults(fn=cmd_submit)

@@ -9,7 +9,7 @@ from typing import Any
 import pytesseract
 from PIL import Image
 
-from .contract import TempFail
+from .contract import BadInput, TempFail
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ def ocr(image: Image.Image, lang: str = "eng", timeout_s: float = 300, dpi: int 
     except pytesseract.TesseractError as e:
         if e.status in (-9, 137):  # SIGKILLed: in a capped container, the memory cgroup's doing
             raise MemoryError(f"tesseract was killed on a {image.width}x{image.height} page") from e
+        if "Failed loading language" in str(e.message):
+            raise BadInput(f"OCR language {lang!r} is not installed in the job image") from None
         raise
     except RuntimeError as e:
         if "timeout" in str(e).lower():

@@ -7,13 +7,14 @@ largest page fit in the container's memory cap.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .contract import EXIT_OK, JobEnv
+from .contract import EXIT_OK, BadInput, JobEnv
 from .fetch import fetch
 from .manifest import Summariser
 from .ocr import PageText, ocr
@@ -47,6 +48,11 @@ class Options:
 
 def run(env: JobEnv, opts: Options | None = None) -> int:
     o = opts or Options.from_environ()
+    lang = env.params.get("lang")
+    if lang:  # per-document languages, given at submit
+        if not isinstance(lang, str) or not re.fullmatch(r"[A-Za-z_]+(\+[A-Za-z_]+)*", lang):
+            raise BadInput(f"invalid OCR language {lang!r}: expected tesseract codes such as eng or eng+deu")
+        o = replace(o, lang=lang)
     sink: Sink = PostgresSink(env.database_url, env.job_id, env.attempt) if env.database_url else StdoutSink()
     with tempfile.TemporaryDirectory(dir=o.scratch, prefix="jobcell-") as tmp:
         scratch = Path(tmp)
