@@ -48,3 +48,49 @@ def postgres(client: docker.DockerClient) -> Iterator[str]:
         yield url
     finally:
         c.remove(force=True)
+
+
+def scanned_pdf(path: Path, pages: int, dpi: int = 200) -> Path:
+    """A scan-like PDF: one grayscale 8.5 x 11 in image per page at `dpi`, with real text on it.
+    Pages are generated one at a time, so that making a long one needs little memory."""
+    from PIL import Image, ImageDraw
+
+    w, h = int(8.5 * dpi), int(11 * dpi)
+
+    def page(n: int) -> Image.Image:
+        im = Image.new("L", (w, h), 255)
+        d = ImageDraw.Draw(im)
+        for line in range(40):
+            d.text((120, 120 + line * 50), f"Page {n} line {line}: the quick brown fox jumps over the lazy dog",
+                   fill=0, font_size=32)
+        return im
+
+    page(1).save(path, save_all=True, resolution=dpi, append_images=(page(n) for n in range(2, pages + 1)))
+    return path
+
+
+PEAK = "jobcell-peak-bytes="
+
+
+def run_job(client: docker.DockerClient, store: Path, name: str, memory: str = "2g", cpus: float | None = None,
+            env: dict[str, str] | None = None) -> tuple[int, float, str]:
+    """The job image on one stored document, no database (pages go to stdout); (peak bytes, seconds, output)."""
+    t0 = time.monotonic()
+    out = client.containers.run(
+        JOB_IMAGE, remove=True, network_mode="none", mem_limit=memory, memswap_limit=memory, read_only=True,
+        tmpfs={"/tmp": "size=64m"}, volumes={str(store): {"bind": "/store", "mode": "ro"}},
+        nano_cpus=int(cpus * 1e9) if cpus else None,
+        environment={"JOBCELL_DOCUMENT": f"store:{name}", "JOBCELL_WORKLOAD": "ocr",
+                     "JOBCELL_MEMORY_LIMIT_BYTES": str(_bytes(memory)), **(env or {})}).decode()
+    seconds = time.monotonic() - t0
+    peaks = [int(line.removeprefix(PEAK)) for line in out.splitlines() if line.startswith(PEAK)]
+    return peaks[-1], seconds, out
+
+
+def _bytes(memory: str) -> int:
+    units = {"m": 1024**2, "g": 1024**3}
+    return int(float(memory[:-1]) * units[memory[-1]])
+
+
+def mib(n: float) -> str:
+    return f"{n / 1024**2:,.0f} MiB"

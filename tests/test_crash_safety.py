@@ -59,6 +59,16 @@ def dispatcher_process(db_url: str, pool: str, tmp_path: Path, name: str) -> sub
                             stderr=subprocess.STDOUT)
 
 
+def run_until_final(queue, ids, db_url, pool, tmp_path, name, timeout=90):
+    """A dispatcher process that runs until every job ended, then gets SIGTERM."""
+    proc = dispatcher_process(db_url, pool, tmp_path, name)
+    try:
+        return wait_final(queue, ids, timeout=timeout)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
 def running_containers(client: docker.DockerClient, pool: str) -> list[docker.models.containers.Container]:
     return client.containers.list(filters={"label": f"{LABEL_POOL}={pool}", "status": "running"})
 
@@ -73,12 +83,7 @@ def test_kill_9_and_restart_ends_every_job_exactly_once(queue, db_url, pool, tmp
         first.wait(10)
         time.sleep(4)  # the leases (3 s) expire; the 1.5 s job's container exits while no dispatcher watches
         assert len(running_containers(docker_client, pool)) == 2, "containers must outlive their dispatcher"
-        second = dispatcher_process(db_url, pool, tmp_path, "second")
-        try:
-            jobs = wait_final(queue, ids, timeout=90)
-        finally:
-            second.send_signal(signal.SIGTERM)
-            second.wait(20)
+        jobs = run_until_final(queue, ids, db_url, pool, tmp_path, "second")
     finally:
         if first.poll() is None:
             first.kill()
@@ -102,12 +107,7 @@ def test_sigterm_leaves_units_for_the_next_dispatcher(queue, db_url, pool, tmp_p
     assert first.wait(15) == 0
     assert len(running_containers(docker_client, pool)) == 2
     assert all(expired for (expired,) in sql(db_url, "SELECT lease_expires_at <= now() FROM jobs")), "leases released"
-    second = dispatcher_process(db_url, pool, tmp_path, "second")
-    try:
-        jobs = wait_final(queue, ids, timeout=60)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(20)
+    jobs = run_until_final(queue, ids, db_url, pool, tmp_path, "second")
     assert [(j.state, j.attempt) for j in jobs] == [(JobState.SUCCEEDED, 1)] * 2
 
 

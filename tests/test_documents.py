@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from bench._support import scanned_pdf
 from dispatcher.classes import load_table
 from dispatcher.loop import Dispatcher, LoopConfig
 from dispatcher.models import MIB, JobState, NewJob
@@ -161,23 +162,6 @@ def test_word_accuracy_against_ground_truth(docs, accuracy_report):
     words_ = q.pages(ids["tesseract-phototest.tif"])[0]["words"]
     assert all({"text", "left", "top", "width", "height", "conf"} <= set(w) for w in words_)
     assert any(isinstance(w["conf"], float) and 0 < w["conf"] <= 100 for w in words_)
-
-
-def scanned_pdf(path: Path, pages: int, dpi: int = 200) -> Path:
-    """A scan-like PDF: one grayscale 8.5x11 in image per page at `dpi`, with real text on it."""
-    w, h = int(8.5 * dpi), int(11 * dpi)
-
-    def page(n: int) -> Image.Image:
-        im = Image.new("L", (w, h), 255)
-        d = ImageDraw.Draw(im)
-        for line in range(40):
-            d.text((120, 120 + line * 50), f"Page {n} line {line}: the quick brown fox jumps over the lazy dog",
-                   fill=0, font_size=32)
-        return im
-
-    first = page(1)
-    first.save(path, save_all=True, resolution=dpi, append_images=(page(n) for n in range(2, pages + 1)))
-    return path
 
 
 def test_a_150_page_scan_succeeds_in_the_small_tier(docs, tmp_path):
