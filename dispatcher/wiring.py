@@ -10,6 +10,7 @@ import docker
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from .classes import check_budget
+from .errors import ConfigError
 from .loop import Dispatcher, LoopConfig
 from .outcome import Backoff
 from .ports import DocumentStore
@@ -63,6 +64,11 @@ def _log_engine_retry(state: RetryCallState) -> None:
 def build_dispatcher(s: Settings, migrate: bool = False) -> Dispatcher:
     table = s.table()
     client = _engine(s)
+    try:
+        client.images.get(s.job_image)
+    except docker.errors.ImageNotFound:
+        raise ConfigError(f"the job image {s.job_image!r} is not on this Docker engine: build it "
+                          "(scripts/build-job-image.sh) or pull it, or set JOBCELL_JOB_IMAGE") from None
     budget = s.budget_bytes(int(client.info()["MemTotal"]))
     check_budget(table, budget)
     queue = build_queue(s, give_up_after_s=None)  # the dispatcher waits out a database outage

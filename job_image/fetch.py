@@ -29,7 +29,7 @@ def fetch(uri: str, scratch: Path, max_bytes: int) -> Path:
 
 def _check_size(size: int, max_bytes: int) -> None:
     if size > max_bytes:
-        raise BadInput(f"the file is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit "
+        raise BadInput(f"the file is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:g} MB limit "
                        "(JOBCELL_MAX_INPUT_BYTES)")
 
 

@@ -62,6 +62,11 @@ def test_a_budget_below_the_top_tier_is_refused_at_start(cli_env):
     assert out.returncode == 2 and "raise JOBCELL_MEMORY_BUDGET" in out.stderr
 
 
+def test_a_missing_job_image_is_refused_at_start(cli_env):
+    out = jobcell("run", env=dict(cli_env, JOBCELL_JOB_IMAGE="jobcell-job:does-not-exist"), timeout=30)
+    assert out.returncode == 2 and "'jobcell-job:does-not-exist' is not on this Docker engine" in out.stderr
+
+
 def test_missing_database_url_is_explained():
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCELL_")}
     out = jobcell("status", env=env)

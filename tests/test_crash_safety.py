@@ -49,13 +49,13 @@ def start_events(docker_client, pool) -> Iterator[StartEvents]:
     ev.close()
 
 
-def dispatcher_process(db_url: str, pool: str, tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
+def dispatcher_process(db_url: str, pool: str, tmp_path: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, JOBCELL_DATABASE_URL=db_url, JOBCELL_CLASSES=classes_json(), JOBCELL_POOL=pool,
                JOBCELL_NETWORK="none", JOBCELL_LEASE_TTL_S="3", JOBCELL_POLL_INTERVAL_S="0.2",
                JOBCELL_MEMORY_BUDGET="4GiB", JOBCELL_STORE_DIR=str(tmp_path / "store"),
                JOBCELL_DISPATCHER_ID=name, JOBCELL_BACKOFF_EXPONENT="0")
     log = (tmp_path / f"{name}.log").open("wb")
-    return subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "run"], env=env, cwd=ROOT, stdout=log,
+    return subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "run", *args], env=env, cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
 
 
@@ -182,3 +182,29 @@ def test_another_queue_sharing_the_pool_name_leaves_our_containers_alone(queue, 
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     assert (j.state, j.attempt) == (JobState.SUCCEEDED, 1)
     assert [a["outcome"] for a in queue.attempts(ours)] == ["succeeded"]
+
+
+def test_a_container_whose_job_moved_on_is_removed(queue, runtime, start_dispatcher, docker_client, pool):
+    from dispatcher.models import LaunchSpec
+
+    job = diag(queue, sleep_s=60)
+    assert queue.cancel(job) == "cancelled"
+    # a container for that job's first attempt, as a dispatcher that died mid-launch might have left it
+    runtime.launch(LaunchSpec(job, 1, "small", 64 * MIB, 60, "diag:", "diag", {"sleep_s": 60}))
+    assert len(running_containers(docker_client, pool)) == 1
+    start_dispatcher()
+    wait_for(lambda: not docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={pool}"}), 20,
+             "the orphan to be removed")
+    assert queue.get(job).state is JobState.CANCELLED
+
+
+def test_drain_waits_for_running_jobs_before_exiting(queue, db_url, pool, tmp_path, docker_client, job_image):
+    ids = [diag(queue, sleep_s=4) for _ in range(2)]
+    proc = dispatcher_process(db_url, pool, tmp_path, "draining", "--drain")
+    wait_for(lambda: len(running_containers(docker_client, pool)) == 2, 30, "2 running containers")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    jobs = queue.jobs(ids)
+    assert [(j.state, j.attempt) for j in jobs] == [(JobState.SUCCEEDED, 1)] * 2
+    assert {queue.attempts(j)[0]["dispatcher"] for j in ids} == {"draining"}
+    assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={pool}"}) == []

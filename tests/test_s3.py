@@ -1,0 +1,78 @@
+"""Documents in S3: stored by the dispatcher side with boto3, streamed by the job with a byte limit.
+
+No S3 or MinIO server can run here, so a stand-in serves the S3 REST API on 127.0.0.1: moto's server mode,
+which answers with the request and response shapes of the Amazon S3 API reference. Everything on our side is
+the real code: boto3 in the store, boto3 in the job container (host network, so it reaches 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import boto3
+import pytest
+
+from dispatcher.errors import SubmitError
+from dispatcher.models import JobState, NewJob
+from dispatcher.store import S3Store
+
+from .conftest import CORPUS, wait_final
+from .test_documents import Docs, docs  # noqa: F401 (fixture)
+
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3(monkeypatch) -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for k, v in CREDS.items():
+        monkeypatch.setenv(k, v)
+    url = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=url)
+    client.create_bucket(Bucket="docs")
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+def submit_s3(d: Docs, uri: str, size: int, key: str) -> int:
+    assert d.queue is not None
+    job_id, _ = d.queue.submit(NewJob(uri, size, key, d.queue._table.for_size(size).name, source=uri))
+    return job_id
+
+
+def test_a_document_in_s3_is_fetched_by_the_job_and_ocrd(docs, s3):  # noqa: F811
+    url = s3
+    store = S3Store("docs", endpoint_url=url)
+    uri, size, key = store.put(str(CORPUS / "tesseract-phototest.tif"))
+    assert uri.startswith("s3://docs/documents/") and store.stat(uri)[0] == size
+    q = docs.start(env={**CREDS, "JOBCELL_S3_ENDPOINT": url})
+    job_id = submit_s3(docs, uri, size, key)
+    [job] = wait_final(q, [job_id], timeout=120)
+    assert job.state is JobState.SUCCEEDED, job.reason
+    assert "quick brown" in q.pages(job_id)[0]["text"]
+    assert all("testing" not in (a["log_tail"] or "") for a in q.attempts(job_id))
+
+
+def test_missing_objects_and_oversized_documents_are_bad_input(docs, s3):  # noqa: F811
+    url = s3
+    store = S3Store("docs", endpoint_url=url)
+    with pytest.raises(SubmitError, match="cannot read it"):
+        store.stat("s3://docs/nope.pdf")
+    uri, size, key = store.put(str(CORPUS / "ocrmypdf-multipage.pdf"))  # 1.1 MB
+    q = docs.start(env={**CREDS, "JOBCELL_S3_ENDPOINT": url, "JOBCELL_MAX_INPUT_BYTES": "500000"})
+    big = submit_s3(docs, uri, size, key)
+    gone = submit_s3(docs, "s3://docs/documents/deleted.pdf", 1000, "gone")
+    wait_final(q, [big, gone], timeout=120)
+    assert "the file is 1.1 MB, over the 0.5 MB limit" in (q.get(big).reason or "")
+    assert "does not exist" in (q.get(gone).reason or "")
+    for job_id in (big, gone):
+        assert [a["outcome"] for a in q.attempts(job_id)] == ["bad_input"]
