@@ -24,7 +24,10 @@ class Settings(BaseSettings):
     memory_budget: str = "75%"  # bytes ("6GiB") or a share of the engine's memory ("75%")
     pool: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,63}$")
     dispatcher_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    runtime: Literal["docker"] = "docker"
+    runtime: Literal["docker", "process"] = "docker"
+    process_state_dir: str = "var/process-units"  # process runtime: logs, pids and exit codes of its units
+    cgroup_root: str | None = None  # process runtime on cgroup v2: a delegated cgroup with +memory
+    process_cap: Literal["auto", "rlimit"] = "auto"
     job_image: str = "jobcell-job:dev"
     network: str = "bridge"
     job_user: str = "10001:10001"

@@ -13,9 +13,10 @@ from .classes import check_budget
 from .errors import ConfigError
 from .loop import Dispatcher, LoopConfig
 from .outcome import Backoff
-from .ports import DocumentStore
+from .ports import DocumentStore, Runtime
 from .queue import PostgresQueue
 from .runtimes.docker import DockerOptions, DockerRuntime
+from .runtimes.process import ProcessOptions, ProcessRuntime
 from .settings import Settings
 from .store import LocalStore, S3Store
 
@@ -32,11 +33,25 @@ def build_store(s: Settings) -> DocumentStore:
     return LocalStore(s.store_dir)
 
 
-def build_runtime(s: Settings, queue_id: str, client: docker.DockerClient | None = None) -> DockerRuntime:
-    mount = s.store_mount or str(Path(s.store_dir).resolve())
+def build_runtime(s: Settings, queue_id: str, client: docker.DockerClient | None = None) -> Runtime:
+    if s.runtime == "process":
+        return ProcessRuntime(ProcessOptions(state_root=s.process_state_dir, pool=s.pool, queue_id=queue_id,
+                                             cgroup_root=s.cgroup_root, cap=s.process_cap, env=_job_env(s)))
+    return _docker_runtime(s, queue_id, client)
+
+
+def _job_env(s: Settings) -> dict[str, str]:
     env = s.passed_env()
     if s.s3_endpoint:
         env.setdefault("JOBCELL_S3_ENDPOINT", s.s3_endpoint)
+    if s.runtime == "process" and not s.s3_bucket:
+        env.setdefault("JOBCELL_STORE_ROOT", str(Path(s.store_dir).resolve()))  # no mount: the store itself
+    return env
+
+
+def _docker_runtime(s: Settings, queue_id: str, client: docker.DockerClient | None) -> DockerRuntime:
+    mount = s.store_mount or str(Path(s.store_dir).resolve())
+    env = _job_env(s)
     options = DockerOptions(image=s.job_image, pool=s.pool, queue_id=queue_id, network_mode=s.network,
                             user=s.job_user, pids_limit=s.pids_limit, tmpfs_size=s.tmpfs_size, cpus=s.job_cpus,
                             store_source=None if s.s3_bucket else mount, env=env)
@@ -63,13 +78,18 @@ def _log_engine_retry(state: RetryCallState) -> None:
 
 def build_dispatcher(s: Settings, migrate: bool = False) -> Dispatcher:
     table = s.table()
-    client = _engine(s)
-    try:
-        client.images.get(s.job_image)
-    except docker.errors.ImageNotFound:
-        raise ConfigError(f"the job image {s.job_image!r} is not on this Docker engine: build it "
-                          "(scripts/build-job-image.sh) or pull it, or set JOBCELL_JOB_IMAGE") from None
-    budget = s.budget_bytes(int(client.info()["MemTotal"]))
+    client = None
+    if s.runtime == "docker":
+        client = _engine(s)
+        try:
+            client.images.get(s.job_image)
+        except docker.errors.ImageNotFound:
+            raise ConfigError(f"the job image {s.job_image!r} is not on this Docker engine: build it "
+                              "(scripts/build-job-image.sh) or pull it, or set JOBCELL_JOB_IMAGE") from None
+        total = int(client.info()["MemTotal"])
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budget = s.budget_bytes(total)
     check_budget(table, budget)
     queue = build_queue(s, give_up_after_s=None)  # the dispatcher waits out a database outage
     if migrate:

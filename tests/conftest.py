@@ -20,8 +20,10 @@ from dispatcher.classes import SizeClassTable, load_table
 from dispatcher.loop import Dispatcher, LoopConfig
 from dispatcher.models import MIB, Job
 from dispatcher.outcome import Backoff
+from dispatcher.ports import Runtime
 from dispatcher.queue import PostgresQueue
 from dispatcher.runtimes.docker import LABEL_POOL, DockerOptions, DockerRuntime
+from dispatcher.runtimes.process import ProcessOptions, ProcessRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -118,6 +120,20 @@ def runtime(docker_client: docker.DockerClient, job_image: str, pool: str, queue
                                        stats_every_s=0.5), client=docker_client)
 
 
+@pytest.fixture(params=["docker", "process"])
+def any_runtime(request: pytest.FixtureRequest, pool: str, queue: PostgresQueue, tmp_path: Path) -> Iterator[Runtime]:
+    """Each runtime that can run for real here; the behaviour suite runs once per runtime."""
+    rt: Runtime
+    if request.param == "docker":
+        rt = request.getfixturevalue("runtime")
+    else:
+        rt = ProcessRuntime(ProcessOptions(state_root=str(tmp_path / "units"), pool=pool, queue_id=queue.queue_id()))
+    yield rt
+    for h in rt.owned():  # whatever a failed test left behind
+        rt.kill(h)
+        rt.cleanup(h)
+
+
 class Running:
     """A Dispatcher on a thread, stopped (without drain) at the end of the test."""
 
@@ -139,13 +155,13 @@ def start_dispatcher(db_url: str, queue: PostgresQueue, runtime: DockerRuntime, 
     started: list[Running] = []
 
     def start(budget_mib: int = 4096, owner: str | None = None, classes: SizeClassTable | None = None,
-              **kw: Any) -> Running:
+              rt: Runtime | None = None, **kw: Any) -> Running:
         t = classes or table
         q = PostgresQueue(db_url, t, lease_ttl_s=queue.lease_ttl_s, give_up_after_s=None)
         cfg = LoopConfig(owner=owner or f"d-{uuid.uuid4().hex[:6]}", pool=pool, budget_bytes=budget_mib * MIB,
                          poll_s=0.2, heartbeat_s=1.0, reconcile_s=1.0, backoff=Backoff(exponent=0, jitter=0.1),
                          **kw)
-        r = Running(Dispatcher(q, runtime, t, cfg))
+        r = Running(Dispatcher(q, rt or runtime, t, cfg))
         started.append(r)
         return r
 

@@ -1,0 +1,33 @@
+"""What a Docker job container is allowed, checked from outside (inspect) and from inside (exec)."""
+
+from __future__ import annotations
+
+import docker
+
+from dispatcher.runtimes.docker import LABEL_POOL
+
+from .conftest import diag, wait_for
+
+
+def test_job_containers_are_hardened(queue, start_dispatcher, docker_client: docker.DockerClient, pool):
+    diag(queue, sleep_s=60)
+    start_dispatcher()
+    [c] = wait_for(lambda: docker_client.containers.list(filters={"label": f"{LABEL_POOL}={pool}"}),
+                   what="running container")
+    wait_for(lambda: c.reload() or c.status == "running", what="running")
+    host = c.attrs["HostConfig"]
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+    assert any(opt.startswith("no-new-privileges") for opt in host["SecurityOpt"])
+    assert host["Memory"] == 64 * 1024 * 1024 and host["MemorySwap"] == host["Memory"]
+    assert 0 < host["PidsLimit"] <= 1024
+    assert host["Privileged"] is False
+    mounts = [m.get("Source", "") for m in c.attrs["Mounts"]] + list(host.get("Binds") or [])
+    assert not any("docker.sock" in m for m in mounts)
+    # from inside: not root, no capabilities, nothing writable but the capped tmpfs and the scratch volume
+    assert c.exec_run("id -u").output.decode().strip() != "0"
+    status = c.exec_run(["sh", "-c", "grep CapEff /proc/self/status"]).output.decode()
+    assert status.split()[-1] == "0000000000000000"
+    assert c.exec_run(["touch", "/etc/jobcell-probe"]).exit_code != 0
+    assert c.exec_run(["touch", "/tmp/ok"]).exit_code == 0
+    assert c.exec_run(["test", "-e", "/var/run/docker.sock"]).exit_code != 0
