@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .classes import SizeClassTable, format_bytes
 from .models import Exit, Handle, JobState, KillReason, LaunchSpec, Outcome
@@ -192,6 +192,8 @@ class Dispatcher:
     def _finish(self, w: Watched, ended: Exit) -> None:
         killed_by = w.killing or self.queue.kill_reason(*w.key)
         outcome = classify(ended, killed_by)
+        if outcome is Outcome.OOM:  # it reached its limit, whatever the runtime could sample before the kill
+            ended = replace(ended, peak_memory_bytes=max(ended.peak_memory_bytes or 0, w.spec.memory_limit_bytes))
         d = decide(outcome, tier=w.spec.tier, attempt=w.spec.attempt, max_attempts=w.max_attempts,
                    table=self.table, backoff=self.cfg.backoff, exit_reason=ended.reason)
         result = Finish(job_id=w.spec.job_id, attempt=w.spec.attempt, outcome=outcome, exit=ended,

@@ -86,6 +86,7 @@ class Exit:
     log_tail: str = ""
     reason: str = ""  # last stderr line: the job's own human-readable reason
     lost: bool = False  # the unit vanished or the runtime failed; no exit code exists
+    deadline_exceeded: bool = False  # the runtime itself enforced the class deadline (Kubernetes)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ def classify(exit: Exit, killed_by: KillReason | None) -> Outcome:
     """The exit-code contract. A kill we caused is never an OOM; an unexplained SIGKILL is."""
     if killed_by is KillReason.CANCEL:
         return Outcome.CANCELLED
-    if killed_by is KillReason.DEADLINE:
+    if killed_by is KillReason.DEADLINE or exit.deadline_exceeded:
         return Outcome.TIMEOUT
     if exit.lost or exit.exit_code is None:
         return Outcome.LOST

@@ -24,10 +24,14 @@ class Settings(BaseSettings):
     memory_budget: str = "75%"  # bytes ("6GiB") or a share of the engine's memory ("75%")
     pool: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,63}$")
     dispatcher_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    runtime: Literal["docker", "process"] = "docker"
+    runtime: Literal["docker", "process", "kubernetes"] = "docker"
     process_state_dir: str = "var/process-units"  # process runtime: logs, pids and exit codes of its units
     cgroup_root: str | None = None  # process runtime on cgroup v2: a delegated cgroup with +memory
     process_cap: Literal["auto", "rlimit"] = "auto"
+    k8s_namespace: str = "jobcell"
+    k8s_env_secret: str | None = None  # a Secret mounted as env into every job pod (database URL, API keys)
+    k8s_store_claim: str | None = None  # a PVC with the document store, mounted read-only at /store
+    k8s_service_account: str | None = None
     job_image: str = "jobcell-job:dev"
     network: str = "bridge"
     job_user: str = "10001:10001"
@@ -97,4 +101,7 @@ def load_settings() -> Settings:
     except ValueError as err:  # pydantic-settings' own parse errors
         raise ConfigError(f"invalid configuration: {err}") from None
     s.table()  # a bad size-class table is refused at start, not at the first job
+    if s.runtime == "kubernetes" and s.memory_budget.endswith("%"):
+        raise ConfigError("JOBCELL_MEMORY_BUDGET must be an amount (e.g. 8GiB) with JOBCELL_RUNTIME=kubernetes: "
+                          "a share of this pod's memory says nothing about the cluster's")
     return s

@@ -34,6 +34,16 @@ def build_store(s: Settings) -> DocumentStore:
 
 
 def build_runtime(s: Settings, queue_id: str, client: docker.DockerClient | None = None) -> Runtime:
+    if s.runtime == "kubernetes":
+        from .runtimes.kubernetes import KubernetesOptions, KubernetesRuntime  # lightkube only where it is used
+
+        env = _job_env(s)
+        if s.k8s_env_secret:  # the Secret carries the database URL: keep it out of every Job's manifest
+            env.pop("JOBCELL_DATABASE_URL", None)
+        return KubernetesRuntime(KubernetesOptions(
+            image=s.job_image, namespace=s.k8s_namespace, pool=s.pool, queue_id=queue_id, env=env,
+            env_secret=s.k8s_env_secret, store_claim=s.k8s_store_claim, service_account=s.k8s_service_account,
+            tmpfs_size=s.tmpfs_size.replace("m", "Mi") if s.tmpfs_size.endswith("m") else s.tmpfs_size))
     if s.runtime == "process":
         return ProcessRuntime(ProcessOptions(state_root=s.process_state_dir, pool=s.pool, queue_id=queue_id,
                                              cgroup_root=s.cgroup_root, cap=s.process_cap, env=_job_env(s)))
@@ -87,7 +97,7 @@ def build_dispatcher(s: Settings, migrate: bool = False) -> Dispatcher:
             raise ConfigError(f"the job image {s.job_image!r} is not on this Docker engine: build it "
                               "(scripts/build-job-image.sh) or pull it, or set JOBCELL_JOB_IMAGE") from None
         total = int(client.info()["MemTotal"])
-    else:
+    else:  # process: this host's memory; kubernetes: an explicit amount (checked in settings)
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     budget = s.budget_bytes(total)
     check_budget(table, budget)

@@ -120,14 +120,35 @@ def runtime(docker_client: docker.DockerClient, job_image: str, pool: str, queue
                                        stats_every_s=0.5), client=docker_client)
 
 
-@pytest.fixture(params=["docker", "process"])
+@pytest.fixture(params=["docker", "process", "kubernetes"])
 def any_runtime(request: pytest.FixtureRequest, pool: str, queue: PostgresQueue, tmp_path: Path) -> Iterator[Runtime]:
-    """Each runtime that can run for real here; the behaviour suite runs once per runtime."""
+    """Every runtime; the behaviour suite runs once per runtime. Docker and process run for real; Kubernetes
+    against a local API server answering with documented payloads (tests/fake_kubernetes.py)."""
     rt: Runtime
     if request.param == "docker":
         rt = request.getfixturevalue("runtime")
-    else:
+    elif request.param == "process":
         rt = ProcessRuntime(ProcessOptions(state_root=str(tmp_path / "units"), pool=pool, queue_id=queue.queue_id()))
+    else:
+        from lightkube import Client
+        from lightkube.config.kubeconfig import KubeConfig
+
+        from dispatcher.runtimes.kubernetes import KubernetesOptions, KubernetesRuntime
+
+        from .fake_kubernetes import FakeKubernetes
+
+        fake = FakeKubernetes()
+        stack = contextlib.ExitStack()
+        stack.enter_context(fake.serve())
+        request.addfinalizer(stack.close)
+        kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
+                      "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+                      "users": [{"name": "jobcell", "user": {"token": "test-token"}}],
+                      "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "jobcell",
+                                                                "namespace": "jobcell"}}]}
+        client = Client(config=KubeConfig.from_dict(kubeconfig), namespace="jobcell")
+        rt = KubernetesRuntime(KubernetesOptions(namespace="jobcell", pool=pool, queue_id=queue.queue_id()),
+                               client=client)
     yield rt
     for h in rt.owned():  # whatever a failed test left behind
         rt.kill(h)

@@ -115,3 +115,10 @@ def test_claims_follow_priority_then_age(queue):
     newer_low = diag(queue, priority=0)
     taken = [c.job.id for c in queue.claim("d", "p", 4096 * MIB, 3)]
     assert taken == [high, older_low, newer_low]
+
+
+def test_kubernetes_needs_an_explicit_memory_budget():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCELL_")}
+    env.update(JOBCELL_RUNTIME="kubernetes", JOBCELL_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    out = jobcell("run", env=env, timeout=30)
+    assert out.returncode == 2 and "JOBCELL_MEMORY_BUDGET must be an amount" in out.stderr

@@ -32,7 +32,7 @@ from dispatcher.outcome import Backoff, classify, decide
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ["models", "classes", "outcome", "ports", "loop", "errors"]
-DRIVERS = {"docker", "psycopg", "boto3", "botocore", "kubernetes", "requests", "subprocess"}
+DRIVERS = {"docker", "psycopg", "boto3", "botocore", "kubernetes", "lightkube", "httpx", "requests", "subprocess"}
 
 
 @pytest.mark.parametrize("module", CORE)
@@ -145,6 +145,7 @@ def test_parse_bytes():
     (Exit(137), KillReason.CANCEL, Outcome.CANCELLED),
     (Exit(137, oom_killed=True), KillReason.CANCEL, Outcome.CANCELLED),
     (Exit(None, lost=True), None, Outcome.LOST),
+    (Exit(None, deadline_exceeded=True), None, Outcome.TIMEOUT),  # Kubernetes' activeDeadlineSeconds
     (Exit(2), None, Outcome.ERROR),
 ])
 def test_classify(exit, killed_by, outcome):
