@@ -15,7 +15,9 @@ py=${PYTHON:-python3}
 want=$(sha256sum pyproject.toml | cut -c1-16)
 if [[ $(cat .venv/.jobcell-installed 2>/dev/null) != "$want" ]]; then
   echo "[jobcell] installing Python dependencies into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,job]'
+  # (some machines' pip config names local package dirs that do not exist: pip warns once per package)
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,job]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "[jobcell] ERROR: pip install failed" >&2; exit 1; }
   echo "$want" > .venv/.jobcell-installed
 fi
 echo "[jobcell] setup done"

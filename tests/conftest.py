@@ -104,14 +104,22 @@ def queue(db_url: str, table: SizeClassTable) -> Iterator[PostgresQueue]:
     q.close()
 
 
+def pool_containers(client: docker.DockerClient, pool: str, running_only: bool = False) -> list[dict[str, Any]]:
+    """The containers of a pool as the engine lists them (one call: no per-container inspect to race a removal)."""
+    filters: dict[str, Any] = {"label": f"{LABEL_POOL}={pool}"}
+    if running_only:
+        filters["status"] = "running"
+    return client.api.containers(all=not running_only, filters=filters)  # type: ignore[no-any-return]
+
+
 @pytest.fixture
 def pool(docker_client: docker.DockerClient) -> Iterator[str]:
     """A pool name of its own per test; its containers are removed afterwards whatever happened."""
     name = "test-" + uuid.uuid4().hex[:10]
     yield name
-    for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={name}"}):
+    for c in pool_containers(docker_client, name):
         with contextlib.suppress(docker.errors.APIError):
-            c.remove(force=True)
+            docker_client.api.remove_container(c["Id"], force=True, v=True)
 
 
 @pytest.fixture

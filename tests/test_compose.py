@@ -15,8 +15,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from dispatcher.runtimes.docker import LABEL_POOL
-from tests.conftest import CORPUS, ROOT, pg_image
+from tests.conftest import CORPUS, ROOT, pg_image, pool_containers
 
 COMPOSE_FILE = ROOT / "compose.yaml"
 DISPATCHER_IMAGE = "jobcell-dispatcher:dev"
@@ -86,15 +85,15 @@ class Stack:
 
     def down(self) -> None:
         # Job containers are the engine's, not compose's: gone first, or the network cannot be removed.
-        for c in self.client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={self.pool}"}):
+        for c in pool_containers(self.client, self.pool):
             with contextlib.suppress(docker.errors.APIError):
-                c.remove(force=True, v=True)
+                self.client.api.remove_container(c["Id"], force=True, v=True)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self("down", "-v", "--remove-orphans", "--timeout", "5", timeout=90)
         # Whatever `down` could not remove (it failed, or timed out) goes by name.
-        for c in self.client.containers.list(all=True, filters={"label": f"com.docker.compose.project={self.project}"}):
+        for c in self.client.api.containers(all=True, filters={"label": f"com.docker.compose.project={self.project}"}):
             with contextlib.suppress(docker.errors.APIError):
-                c.remove(force=True, v=True)
+                self.client.api.remove_container(c["Id"], force=True, v=True)
         with contextlib.suppress(docker.errors.APIError):  # NotFound included
             self.client.networks.get(self.network).remove()
         with contextlib.suppress(docker.errors.APIError):
@@ -122,7 +121,7 @@ def stack(docker_client: docker.DockerClient, job_image: str, dispatcher_image: 
         yield s
     finally:
         s.down()
-    assert not docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={s.pool}"})
+    assert not pool_containers(docker_client, s.pool)
 
 
 @pytest.mark.docker

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from dispatcher.models import MIB, JobState
 from dispatcher.runtimes.docker import LABEL_JOB, LABEL_POOL, LABEL_TIER
 
-from .conftest import ROOT, TEST_CLASSES, classes_json, diag, sql, wait_final, wait_for
+from .conftest import ROOT, TEST_CLASSES, classes_json, diag, pool_containers, sql, wait_final, wait_for
 
 
 class StartEvents:
@@ -69,8 +70,8 @@ def run_until_final(queue, ids, db_url, pool, tmp_path, name, timeout=90):
         proc.wait(20)
 
 
-def running_containers(client: docker.DockerClient, pool: str) -> list[docker.models.containers.Container]:
-    return client.containers.list(filters={"label": f"{LABEL_POOL}={pool}", "status": "running"})
+def running_containers(client: docker.DockerClient, pool: str) -> list[dict[str, Any]]:
+    return pool_containers(client, pool, running_only=True)
 
 
 def test_kill_9_and_restart_ends_every_job_exactly_once(queue, db_url, pool, tmp_path, docker_client,
@@ -92,7 +93,7 @@ def test_kill_9_and_restart_ends_every_job_exactly_once(queue, db_url, pool, tmp
     for j in ids:
         assert [a["outcome"] for a in queue.attempts(j)] == ["succeeded"]
     assert dict(start_events.starts) == {j: 1 for j in ids}
-    assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={pool}"}) == []
+    assert pool_containers(docker_client, pool) == []
     # the job that ended while no dispatcher ran still has its real result, read from the exited container
     assert queue.attempts(ids[0])[0]["exit_code"] == 0
     log = (tmp_path / "second.log").read_text()
@@ -133,7 +134,7 @@ def test_admission_keeps_running_limits_within_budget_and_slots(queue, start_dis
     samples: list[tuple[int, dict[str, int]]] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        tiers = collections.Counter(c.labels[LABEL_TIER] for c in running_containers(docker_client, pool))
+        tiers = collections.Counter(c["Labels"][LABEL_TIER] for c in running_containers(docker_client, pool))
         db = collections.Counter(t for (t,) in sql(queue._dsn, "SELECT tier FROM jobs WHERE state = 'running'"))
         for seen in (tiers, db):
             samples.append((sum(limits[t] * n for t, n in seen.items()), dict(seen)))
@@ -193,7 +194,7 @@ def test_a_container_whose_job_moved_on_is_removed(queue, runtime, start_dispatc
     runtime.launch(LaunchSpec(job, 1, "small", 64 * MIB, 60, "diag:", "diag", {"sleep_s": 60}))
     assert len(running_containers(docker_client, pool)) == 1
     start_dispatcher()
-    wait_for(lambda: not docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={pool}"}), 20,
+    wait_for(lambda: not pool_containers(docker_client, pool), 20,
              "the orphan to be removed")
     assert queue.get(job).state is JobState.CANCELLED
 
@@ -207,4 +208,4 @@ def test_drain_waits_for_running_jobs_before_exiting(queue, db_url, pool, tmp_pa
     jobs = queue.jobs(ids)
     assert [(j.state, j.attempt) for j in jobs] == [(JobState.SUCCEEDED, 1)] * 2
     assert {queue.attempts(j)[0]["dispatcher"] for j in ids} == {"draining"}
-    assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_POOL}={pool}"}) == []
+    assert pool_containers(docker_client, pool) == []

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import docker
 
-from dispatcher.runtimes.docker import LABEL_POOL
-
-from .conftest import diag, wait_for
+from .conftest import diag, pool_containers, wait_for
 
 
 def test_job_containers_are_hardened(queue, start_dispatcher, docker_client: docker.DockerClient, pool):
     diag(queue, sleep_s=60)
     start_dispatcher()
-    [c] = wait_for(lambda: docker_client.containers.list(filters={"label": f"{LABEL_POOL}={pool}"}),
-                   what="running container")
+    [listed] = wait_for(lambda: pool_containers(docker_client, pool, running_only=True), what="running container")
+    c = docker_client.containers.get(listed["Id"])
     wait_for(lambda: c.reload() or c.status == "running", what="running")
     host = c.attrs["HostConfig"]
     assert host["ReadonlyRootfs"] is True

@@ -117,12 +117,12 @@ class DockerRuntime:
         peak (killed at its deadline, crashed hard). On its own thread: a stats call can take a second."""
         while True:
             try:
-                for c in self.client.containers.list(filters={"label": f"{LABEL_POOL}={self.options.pool}"}):
-                    stats = cast(dict[str, Any], c.stats(stream=False, one_shot=True))
+                for c in self.client.api.containers(filters={"label": f"{LABEL_POOL}={self.options.pool}"}):
+                    stats = cast(dict[str, Any], self.client.api.stats(c["Id"], stream=False, one_shot=True))
                     mem = stats.get("memory_stats") or {}
                     seen = int(mem.get("max_usage") or mem.get("usage") or 0)
-                    if seen and c.id:
-                        self._peaks[c.id] = max(self._peaks.get(c.id, 0), seen)
+                    if seen:
+                        self._peaks[c["Id"]] = max(self._peaks.get(c["Id"], 0), seen)
             except Exception as e:  # the engine is down or the container just went: try again later
                 log.debug("memory sampling skipped: %s", e)
             time.sleep(self.options.stats_every_s)
@@ -146,14 +146,15 @@ class DockerRuntime:
 
     def owned(self) -> Sequence[Handle]:
         ours = [f"{LABEL_POOL}={self.options.pool}", f"{LABEL_QUEUE}={self.options.queue_id}"]
-        found = self.client.containers.list(all=True, filters={"label": ours})
+        # the low-level list: one call, no inspect per container that could race a removal
+        found = self.client.api.containers(all=True, filters={"label": ours})
         out = []
         for c in found:
-            labels = c.labels
+            labels = c.get("Labels") or {}
             try:
-                out.append(Handle(self.name, c.id or "", int(labels[LABEL_JOB]), int(labels[LABEL_ATTEMPT])))
+                out.append(Handle(self.name, c["Id"], int(labels[LABEL_JOB]), int(labels[LABEL_ATTEMPT])))
             except (KeyError, ValueError):
-                log.warning("container %s carries a jobcell pool label but no job/attempt; ignored", c.name)
+                log.warning("container %s carries jobcell labels but no job/attempt; ignored", c.get("Names"))
         return out
 
     def watch(self, wake: Callable[[], None]) -> None:
