@@ -197,7 +197,8 @@ def cmd_show(s: Settings, a: argparse.Namespace) -> int:
             print(p["text"])
         return 0
     print(f"job {j.id}: {j.state.value}  class {j.size_class}  tier {j.tier}  attempts {j.attempt}/{j.max_attempts}")
-    print(f"document: {j.document_uri} ({format_bytes(j.document_bytes)}), workload {j.workload}")
+    stored = f", stored as {j.document_uri}" if j.source and j.source != j.document_uri else ""
+    print(f"document: {j.source or j.document_uri} ({format_bytes(j.document_bytes)}{stored}), workload {j.workload}")
     if j.reason:
         print(f"reason: {j.reason}")
     rows = [(r["attempt"], r["tier"], format_bytes(r["memory_limit_bytes"]), r["outcome"] or "running",

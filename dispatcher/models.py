@@ -111,6 +111,7 @@ class Job:
     finished_at: datetime | None = None
     memory_limit_bytes: int | None = None
     pool: str | None = None
+    source: str | None = None  # what the user submitted (a path or URI)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_n
 
 from .classes import Admission, SizeClassTable
 from .errors import ConfigError, NotFound
-from .models import Job, JobState, KillReason, LaunchSpec, NewJob, Running
+from .models import Job, JobState, KillReason, LaunchSpec, NewJob, Outcome, Running
 from .ports import Claimed, Finish
 from .sql import migrations, query
 
@@ -34,7 +34,7 @@ def job_from_row(row: Row) -> Job:
         max_attempts=row["max_attempts"], scheduled_at=row["scheduled_at"], created_at=row["created_at"],
         cancel_requested=row["cancel_requested"], lease_owner=row["lease_owner"],
         lease_expires_at=row["lease_expires_at"], reason=row["reason"], finished_at=row["finished_at"],
-        memory_limit_bytes=row["memory_limit_bytes"], pool=row["pool"])
+        memory_limit_bytes=row["memory_limit_bytes"], pool=row["pool"], source=row.get("source"))
 
 
 def _log_retry(state: Any) -> None:
@@ -187,7 +187,9 @@ class PostgresQueue:
             self._one(conn, "finish_attempt", job_id=result.job_id, attempt=result.attempt,
                       outcome=result.outcome.value, exit_code=e.exit_code, oom_killed=e.oom_killed,
                       peak_memory_bytes=e.peak_memory_bytes, duration_s=result.duration_s,
-                      error=e.reason or None, log_tail=e.log_tail or None)
+                      # a succeeded job's last stderr line is progress, not a reason
+                      error=None if result.outcome is Outcome.SUCCEEDED else e.reason or None,
+                      log_tail=e.log_tail or None)
             return True
         return self._run(go)
 

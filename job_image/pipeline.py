@@ -60,7 +60,8 @@ def run(env: JobEnv, opts: Options | None = None) -> int:
         done = sink.done_pages()
         todo = list(pending(doc, done))
         n = workers(doc.pages, env.memory_limit_bytes, o.max_workers or cpu_count())
-        print(f"{doc.media_type}, {len(doc.pages)} pages, {len(done)} already stored, {n} worker(s)",
+        pages = f"{len(doc.pages)} page{'s' if len(doc.pages) != 1 else ''}"
+        print(f"{doc.media_type}, {pages}, {len(done)} already stored, {n} worker{'s' if n != 1 else ''}",
               file=sys.stderr, flush=True)
 
         def one(page: Page) -> tuple[Page, PageText]:
