@@ -34,12 +34,17 @@ def _minutes(s: float) -> str:
     return f"{s / 60:g} min" if s >= 60 else f"{s:g} s"
 
 
+def _input_size(n: int) -> str:
+    """Input bounds as users write them: 5 MB stays 5 MB, not 4.8 MiB."""
+    return f"{n // 1_000_000} MB" if n % 1_000_000 == 0 else format_bytes(n)
+
+
 def cmd_classes(s: Settings, a: argparse.Namespace) -> int:
     t = s.table()
     if a.json:
         print(json.dumps([c.model_dump() for c in t.classes], indent=2))
         return 0
-    rows = [(c.name, f"< {format_bytes(c.max_input_bytes)}" if c.max_input_bytes else "rest",
+    rows = [(c.name, f"< {_input_size(c.max_input_bytes)}" if c.max_input_bytes else "rest",
              format_bytes(c.memory_limit_bytes), c.max_running, _minutes(c.timeout_s)) for c in t.classes]
     print(_table(rows, ["class", "input bytes", "memory limit", "max running", "timeout"]))
     return 0

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     memory_budget: str = "75%"  # bytes ("6GiB") or a share of the engine's memory ("75%")
     pool: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,63}$")
     dispatcher_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    runtime: Literal["docker", "process", "kubernetes"] = "docker"
+    runtime: Literal["docker", "process", "kubernetes", "render"] = "docker"
     process_state_dir: str = "var/process-units"  # process runtime: logs, pids and exit codes of its units
     cgroup_root: str | None = None  # process runtime on cgroup v2: a delegated cgroup with +memory
     process_cap: Literal["auto", "rlimit"] = "auto"
@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     k8s_env_secret: str | None = None  # a Secret mounted as env into every job pod (database URL, API keys)
     k8s_store_claim: str | None = None  # a PVC with the document store, mounted read-only at /store
     k8s_service_account: str | None = None
+    # Render: the base service of the one-off jobs (Render sets RENDER_SERVICE_ID in every service) and
+    # tier -> planId as JSON; the API key is RENDER_API_KEY, read from the environment only
+    render_service_id: str | None = Field(default_factory=lambda: os.environ.get("RENDER_SERVICE_ID"))
+    render_plans: dict[str, str] = Field(default_factory=dict)
     job_image: str = "jobcell-job:dev"
     network: str = "bridge"
     job_user: str = "10001:10001"
@@ -101,7 +105,10 @@ def load_settings() -> Settings:
     except ValueError as err:  # pydantic-settings' own parse errors
         raise ConfigError(f"invalid configuration: {err}") from None
     s.table()  # a bad size-class table is refused at start, not at the first job
-    if s.runtime == "kubernetes" and s.memory_budget.endswith("%"):
-        raise ConfigError("JOBCELL_MEMORY_BUDGET must be an amount (e.g. 8GiB) with JOBCELL_RUNTIME=kubernetes: "
-                          "a share of this pod's memory says nothing about the cluster's")
+    if s.runtime in ("kubernetes", "render") and s.memory_budget.endswith("%"):
+        raise ConfigError(f"JOBCELL_MEMORY_BUDGET must be an amount (e.g. 8GiB) with JOBCELL_RUNTIME={s.runtime}: "
+                          "a share of the dispatcher's own memory says nothing about where jobs run")
+    if s.runtime == "render" and not (s.render_service_id and os.environ.get("RENDER_API_KEY")):
+        raise ConfigError("JOBCELL_RUNTIME=render needs RENDER_API_KEY and the base service's id "
+                          "(JOBCELL_RENDER_SERVICE_ID, or RENDER_SERVICE_ID as Render sets it)")
     return s

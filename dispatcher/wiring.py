@@ -44,6 +44,12 @@ def build_runtime(s: Settings, queue_id: str, client: docker.DockerClient | None
             image=s.job_image, namespace=s.k8s_namespace, pool=s.pool, queue_id=queue_id, env=env,
             env_secret=s.k8s_env_secret, store_claim=s.k8s_store_claim, service_account=s.k8s_service_account,
             tmpfs_size=s.tmpfs_size.replace("m", "Mi") if s.tmpfs_size.endswith("m") else s.tmpfs_size))
+    if s.runtime == "render":
+        from .runtimes.render import RenderOptions, RenderRuntime
+
+        assert s.render_service_id is not None  # checked when the settings were loaded
+        return RenderRuntime(RenderOptions(service_id=s.render_service_id, api_key=os.environ["RENDER_API_KEY"],
+                                           pool=s.pool, queue_id=queue_id, plans=s.render_plans))
     if s.runtime == "process":
         return ProcessRuntime(ProcessOptions(state_root=s.process_state_dir, pool=s.pool, queue_id=queue_id,
                                              cgroup_root=s.cgroup_root, cap=s.process_cap, env=_job_env(s)))

@@ -128,15 +128,29 @@ def runtime(docker_client: docker.DockerClient, job_image: str, pool: str, queue
                                        stats_every_s=0.5), client=docker_client)
 
 
-@pytest.fixture(params=["docker", "process", "kubernetes"])
+@pytest.fixture(params=["docker", "process", "kubernetes", "render"])
 def any_runtime(request: pytest.FixtureRequest, pool: str, queue: PostgresQueue, tmp_path: Path) -> Iterator[Runtime]:
-    """Every runtime; the behaviour suite runs once per runtime. Docker and process run for real; Kubernetes
-    against a local API server answering with documented payloads (tests/fake_kubernetes.py)."""
+    """Every runtime; the behaviour suite runs once per runtime. Docker and process run for real; Kubernetes and
+    Render against local API servers answering with documented payloads (tests/fake_kubernetes.py, fake_render.py)."""
     rt: Runtime
     if request.param == "docker":
         rt = request.getfixturevalue("runtime")
     elif request.param == "process":
         rt = ProcessRuntime(ProcessOptions(state_root=str(tmp_path / "units"), pool=pool, queue_id=queue.queue_id()))
+    elif request.param == "render":
+        from dispatcher.runtimes.render import RenderOptions, RenderRuntime
+
+        from .fake_render import FakeRender
+
+        plans = {f"plan-test-{c['name']}": int(c["memory_limit_bytes"].removesuffix("MiB")) * MIB
+                 for c in TEST_CLASSES}
+        render = FakeRender("srv-test", plans)
+        stack = contextlib.ExitStack()
+        stack.enter_context(render.serve())
+        request.addfinalizer(stack.close)
+        rt = RenderRuntime(RenderOptions(service_id="srv-test", api_key="rnd_test_key", pool=pool,
+                                         queue_id=queue.queue_id(), base_url=render.url,
+                                         plans={c["name"]: f"plan-test-{c['name']}" for c in TEST_CLASSES}))
     else:
         from lightkube import Client
         from lightkube.config.kubeconfig import KubeConfig

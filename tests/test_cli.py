@@ -122,3 +122,11 @@ def test_kubernetes_needs_an_explicit_memory_budget():
     env.update(JOBCELL_RUNTIME="kubernetes", JOBCELL_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
     out = jobcell("run", env=env, timeout=30)
     assert out.returncode == 2 and "JOBCELL_MEMORY_BUDGET must be an amount" in out.stderr
+
+
+def test_render_needs_its_api_key_and_service():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBCELL_", "RENDER_"))}
+    env.update(JOBCELL_RUNTIME="render", JOBCELL_MEMORY_BUDGET="8GiB",
+               JOBCELL_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    out = jobcell("run", env=env, timeout=30)
+    assert out.returncode == 2 and "needs RENDER_API_KEY" in out.stderr
