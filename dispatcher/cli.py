@@ -184,9 +184,19 @@ def cmd_status(s: Settings, a: argparse.Namespace) -> int:
     for r in running:
         by_pool[r["pool"]] = by_pool.get(r["pool"], 0) + r["memory_limit_bytes"]
     for pool, used in sorted(by_pool.items()):
-        budget = f" of {format_bytes(a.budget)}" if a.budget else ""
-        print(f"pool {pool}: {format_bytes(used)}{budget} of memory limits in use")
+        budget = _budget(s)
+        share = f" of the {format_bytes(budget)} budget ({used / budget:.0%})" if budget else ""
+        print(f"pool {pool}: {format_bytes(used)} of memory limits in use{share}")
     return 0
+
+
+def _budget(s: Settings) -> int | None:
+    """The budget as this configuration gives it; a share of memory is resolved against this host's RAM
+    (the dispatcher's host, where the Docker engine usually is)."""
+    try:
+        return s.budget_bytes(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        return None
 
 
 def cmd_show(s: Settings, a: argparse.Namespace) -> int:
@@ -268,7 +278,6 @@ def parser() -> argparse.ArgumentParser:
     cn.add_argument("ids", nargs="+", type=int)
     cn.set_defaults(fn=cmd_cancel)
     st = sub.add_parser("status", help="counts by state and class, running jobs, memory in use")
-    st.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)
     st.set_defaults(fn=cmd_status)
     rp = sub.add_parser("report", help="one line per job: outcome, pages, tiers tried, peak memory, time")
     rp.add_argument("ids", nargs="+", type=int)

@@ -130,3 +130,17 @@ def test_render_needs_its_api_key_and_service():
                JOBCELL_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
     out = jobcell("run", env=env, timeout=30)
     assert out.returncode == 2 and "needs RENDER_API_KEY" in out.stderr
+
+
+def test_status_shows_running_jobs_and_budget_use(cli_env, queue, start_dispatcher, pool):
+    from .conftest import diag, wait_for
+
+    job = diag(queue, sleep_s=30)
+    start_dispatcher()
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["started_at"], what="a running job")
+    out = jobcell("status", env=dict(cli_env, JOBCELL_MEMORY_BUDGET="1GiB"))
+    assert out.returncode == 0, out.stderr
+    running = next(ln for ln in out.stdout.splitlines() if ln.startswith(str(job)))
+    assert running.split()[1:4] == ["small", "64", "MiB"]
+    assert f"pool {pool}: 64 MiB of memory limits in use of the 1 GiB budget (6%)" in out.stdout
+    queue.cancel(job)
