@@ -22,9 +22,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+
+from . import fake_http
 
 MIB = 1024 * 1024
 
@@ -170,38 +170,6 @@ class FakeKubernetes:
 
     @contextmanager
     def serve(self) -> Iterator[FakeKubernetes]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _do(self, method: str) -> None:
-                url = urlparse(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                code, answer = fake.handle(method, url.path, parse_qs(url.query), body)
-                data = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "text/plain" if isinstance(answer, str) else "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._do("GET")
-
-            def do_POST(self) -> None:
-                self._do("POST")
-
-            def do_DELETE(self) -> None:
-                self._do("DELETE")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{server.server_address[1]}"
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
+        with fake_http.serve(lambda m, p, q, b, _h: self.handle(m, p, q, b)) as url:
+            self.url = url
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()

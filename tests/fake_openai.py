@@ -11,12 +11,11 @@ shaped as the OpenAI API reference documents them:
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from . import fake_http
 
 
 def chat_completion(content: str, model: str = "gpt-4o-mini-2024-07-18") -> dict[str, Any]:
@@ -62,30 +61,12 @@ class FakeOpenAI:
         self.url = ""
 
     @contextmanager
-    def serve(self, host: str = "127.0.0.1") -> Iterator[FakeOpenAI]:
-        fake = self
+    def serve(self) -> Iterator[FakeOpenAI]:
+        def handle(method: str, path: str, query: dict[str, list[str]], body: Any,
+                   headers: dict[str, str]) -> tuple[int, Any]:
+            self.requests.append({"path": path, "body": body, "auth": headers.get("Authorization")})
+            return self.answers.pop(0) if self.answers else SERVER_ERROR
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                status, answer = fake.answers.pop(0) if fake.answers else (500, SERVER_ERROR[1])
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        server = ThreadingHTTPServer((host, 0), Handler)
-        self.url = f"http://{host}:{server.server_address[1]}/v1"
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with fake_http.serve(handle) as url:
+            self.url = url + "/v1"
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()

@@ -23,9 +23,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+
+from . import fake_http
 
 MIB = 1024 * 1024
 
@@ -115,36 +115,11 @@ class FakeRender:
 
     @contextmanager
     def serve(self) -> Iterator[FakeRender]:
-        fake = self
+        def handle(method: str, path: str, query: dict[str, list[str]], body: Any,
+                   headers: dict[str, str]) -> tuple[int, Any]:
+            self.requests.append((method, path, headers.get("Authorization")))
+            return self.handle(method, path, query, body)
 
-        class Handler(BaseHTTPRequestHandler):
-            def _do(self, method: str) -> None:
-                url = urlparse(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                fake.requests.append((method, url.path, self.headers.get("Authorization")))
-                code, answer = fake.handle(method, url.path, parse_qs(url.query), body)
-                data = json.dumps(answer).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._do("GET")
-
-            def do_POST(self) -> None:
-                self._do("POST")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
+        with fake_http.serve(handle) as url:
+            self.url = url + "/v1"
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()
