@@ -10,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-# (method, path, query, JSON body or None, headers) -> (status, JSON-able answer, or a str sent as text/plain)
-Handle = Callable[[str, str, dict[str, list[str]], Any, dict[str, str]], tuple[int, Any]]
+# (method, path, query, JSON body or None, headers) -> (status, JSON-able answer, or a str sent as text/plain);
+# headers is the request's email.message.Message: .get() ignores case, as HTTP header names do
+Handle = Callable[[str, str, dict[str, list[str]], Any, Any], tuple[int, Any]]
 
 
 @contextmanager
@@ -23,7 +24,7 @@ def serve(handle: Handle) -> Iterator[str]:
             url = urlparse(self.path)
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
-            code, answer = handle(method, url.path, parse_qs(url.query), body, dict(self.headers.items()))
+            code, answer = handle(method, url.path, parse_qs(url.query), body, self.headers)
             text = isinstance(answer, str)
             data = answer.encode() if text else json.dumps(answer).encode()
             self.send_response(code)

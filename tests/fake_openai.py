@@ -63,7 +63,7 @@ class FakeOpenAI:
     @contextmanager
     def serve(self) -> Iterator[FakeOpenAI]:
         def handle(method: str, path: str, query: dict[str, list[str]], body: Any,
-                   headers: dict[str, str]) -> tuple[int, Any]:
+                   headers: Any) -> tuple[int, Any]:
             self.requests.append({"path": path, "body": body, "auth": headers.get("Authorization")})
             return self.answers.pop(0) if self.answers else SERVER_ERROR
 

@@ -116,7 +116,7 @@ class FakeRender:
     @contextmanager
     def serve(self) -> Iterator[FakeRender]:
         def handle(method: str, path: str, query: dict[str, list[str]], body: Any,
-                   headers: dict[str, str]) -> tuple[int, Any]:
+                   headers: Any) -> tuple[int, Any]:
             self.requests.append((method, path, headers.get("Authorization")))
             return self.handle(method, path, query, body)
 
