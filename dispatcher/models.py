@@ -115,27 +115,6 @@ class Job:
 
 
 @dataclass(frozen=True)
-class Attempt:
-    job_id: int
-    attempt: int
-    runtime: str
-    handle: str | None
-    tier: str
-    memory_limit_bytes: int
-    dispatcher: str
-    started_at: datetime
-    finished_at: datetime | None = None
-    outcome: Outcome | None = None
-    exit_code: int | None = None
-    oom_killed: bool | None = None
-    peak_memory_bytes: int | None = None
-    duration_s: float | None = None
-    error: str | None = None
-    log_tail: str | None = None
-    kill_reason: KillReason | None = None
-
-
-@dataclass(frozen=True)
 class Running:
     """One running job as admission sees it: the tier slot and memory it holds."""
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from .models import Exit, Handle, Job, KillReason, LaunchSpec, NewJob, Outcome, Running
+from .models import Exit, Handle, Job, KillReason, LaunchSpec, NewJob, Outcome
 
 
 class Runtime(Protocol):
@@ -89,8 +89,6 @@ class Queue(Protocol):
 
     def release(self, owner: str) -> None:
         """Expire our leases now, so that the next dispatcher adopts our units at once."""
-
-    def running(self, pool: str) -> list[Running]: ...
 
     def cancel(self, job_id: int) -> str: ...
 

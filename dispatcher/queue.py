@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -219,10 +218,6 @@ class PostgresQueue:
     def release(self, owner: str) -> None:
         self._run(lambda c: self._one(c, "release", owner=owner))
 
-    def running(self, pool: str) -> list[Running]:
-        rows = self._run(lambda c: self._all(c, "running_in_pool", pool=pool))
-        return [Running(r["id"], r["tier"], r["memory_limit_bytes"]) for r in rows]
-
     def cancel(self, job_id: int) -> str:
         row = self._run(lambda c: self._one(c, "cancel", job_id=job_id))
         if row is None:
@@ -294,12 +289,3 @@ class PostgresQueue:
                     log.warning("LISTEN connection lost (%s); polling until it is back", e)
             self._closed.wait(backoff)
             backoff = min(backoff * 2, 30.0)
-
-
-@contextlib.contextmanager
-def opened(dsn: str, table: SizeClassTable, **kw: Any) -> Iterator[PostgresQueue]:
-    q = PostgresQueue(dsn, table, **kw)
-    try:
-        yield q
-    finally:
-        q.close()
