@@ -19,7 +19,7 @@ from .errors import JobcellError
 from .models import JobState, NewJob
 from .queue import PostgresQueue
 from .settings import Settings, load_settings
-from .wiring import build_dispatcher, build_queue, build_store
+from .wiring import build_dispatcher, build_manifests, build_queue, build_store
 
 log = logging.getLogger("jobcell")
 
@@ -147,7 +147,12 @@ def cmd_run(s: Settings, a: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    manifests = build_manifests(s, build_queue(s, give_up_after_s=None))
+    if manifests is not None:
+        manifests.start()
     d.run()
+    if manifests is not None:
+        manifests.stop()
     return 0
 
 

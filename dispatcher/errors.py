@@ -15,3 +15,7 @@ class SubmitError(JobcellError):
 
 class NotFound(JobcellError):
     """No job with that id."""
+
+
+class DocumentMissing(JobcellError):
+    """A job's stored document is gone (deleted object, pruned file): it will never be there again."""

@@ -10,10 +10,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from job_image.contract import EXIT_BAD_INPUT, DocumentInfo, Header, JobOptions, Limits, PageResult, reason_text
+
+from .channel import ChannelReader, Refused
 from .classes import SizeClassTable, format_bytes
-from .models import Exit, Handle, JobState, KillReason, LaunchSpec, Outcome
+from .errors import DocumentMissing
+from .models import Exit, Handle, Job, JobState, KillReason, LaunchSpec, Outcome
 from .outcome import Backoff, classify, decide
-from .ports import Claimed, Finish, Queue, Runtime
+from .ports import CellInput, Claimed, Completed, Finish, Queue, Runtime
 
 log = logging.getLogger("jobcell.dispatcher")
 
@@ -29,15 +33,26 @@ class LoopConfig:
     max_claim: int = 32
     io_threads: int = 8  # engine calls (launch, inspect, logs, remove) run side by side
     backoff: Backoff = field(default_factory=Backoff)
+    job_options: JobOptions = field(default_factory=lambda: JobOptions())  # handed to every cell in its header
+    output_limits: Limits = field(default_factory=Limits)
+    summarise: bool = False  # a manifest worker on the trusted side summarises succeeded documents
+    drain_output_s: float = 30.0  # how long an ended unit's output may take to be read to its end
 
 
 @dataclass
 class Watched:
+    job: Job
     spec: LaunchSpec
-    max_attempts: int
     handle: Handle | None
     started: float  # wall clock, so that an adopted unit keeps its original deadline
     killing: KillReason | None = None
+    reader: ChannelReader | None = None
+    reading: threading.Thread | None = None
+    refused: str | None = None
+
+    @property
+    def max_attempts(self) -> int:
+        return self.job.max_attempts
 
     @property
     def key(self) -> tuple[int, int]:
@@ -106,7 +121,7 @@ class Dispatcher:
 
     def claim_and_launch(self) -> None:
         claimed = self.queue.claim(self.cfg.owner, self.cfg.pool, self.cfg.budget_bytes, self.cfg.max_claim)
-        fresh = [Watched(c.spec, c.job.max_attempts, None, self.clock()) for c in claimed]
+        fresh = [Watched(c.job, c.spec, None, self.clock()) for c in claimed]
         for w in fresh:
             self.watched[w.key] = w
         # Launches are I/O on the engine: side by side, as `docker run`s in parallel would be.
@@ -118,13 +133,75 @@ class Dispatcher:
         spec = w.spec
         log.info("job %s attempt %s: launching on %s (%s)", *w.key, spec.tier, format_bytes(spec.memory_limit_bytes))
         try:
-            w.handle = self.runtime.launch(spec)
+            header = self._header(w)
+            w.handle = self.runtime.launch(spec, CellInput(header, spec.document_uri))
+        except DocumentMissing as e:  # nothing was started; no retry can bring the document back
+            log.warning("job %s attempt %s: %s", *w.key, e)
+            self._finish(w, Exit(exit_code=EXIT_BAD_INPUT, reason=str(e)))
+            return None
         except Exception as e:
             log.error("job %s attempt %s: launch failed: %s", *w.key, e)
             self._finish(w, Exit(exit_code=None, lost=True, reason=f"launch failed: {e}"))
             return e
         self.queue.started(spec.job_id, spec.attempt, self.runtime.name, w.handle.ref)
+        self._read_output(w, header.done_pages)
         return None
+
+    def _header(self, w: Watched) -> Header:
+        spec, job = w.spec, w.job
+        return Header(job_id=spec.job_id, attempt=spec.attempt, tier=spec.tier,
+                      memory_limit_bytes=spec.memory_limit_bytes, workload=spec.workload, params=spec.params,
+                      done_pages=self.queue.done_pages(spec.job_id, spec.attempt),
+                      document_name=(job.source or job.document_uri).rsplit("/", 1)[-1][-200:],
+                      document_bytes=job.document_bytes, options=self.cfg.job_options)
+
+    # -- the result channel ---------------------------------------------------------------------------
+
+    def _read_output(self, w: Watched, earlier_pages: list[int]) -> None:
+        """Read the unit's output on a thread of its own, storing each checked page as it comes."""
+        job_id, attempt = w.key
+
+        def store(page: PageResult) -> bool:
+            return self.queue.put_page(job_id, attempt, page)
+
+        def declare(doc: DocumentInfo) -> None:
+            self.queue.declare_pages(job_id, attempt, doc.pages)
+
+        w.reader = ChannelReader(job_id, attempt, frozenset(earlier_pages), self.cfg.job_options.max_pages,
+                                 store, declare, self.cfg.output_limits)
+        w.reading = threading.Thread(target=self._follow, args=(w,), name=f"jobcell-out-{job_id}-{attempt}",
+                                     daemon=True)
+        w.reading.start()
+
+    def _follow(self, w: Watched) -> None:
+        reader, handle = w.reader, w.handle
+        assert reader is not None and handle is not None
+        failures = 0
+        while True:
+            try:
+                skip = reader.consumed  # a stream read again starts from its first byte
+                for chunk in self.runtime.output(handle):
+                    if skip:
+                        taken = min(skip, len(chunk))
+                        chunk, skip = chunk[taken:], skip - taken
+                    if chunk:
+                        reader.feed(chunk)
+                reader.feed_all(())
+                return
+            except Refused as e:
+                w.refused = reason_text(str(e))
+                log.warning("job %s attempt %s: refused its output: %s; killing", *w.key, w.refused)
+                if w.killing is None:
+                    self._kill(w, KillReason.REFUSED)
+                return
+            except Exception as e:  # the engine or the database went away: read again from where we were
+                failures += 1
+                if self.stopping.is_set() or w.key not in self.watched:
+                    return
+                delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                log.warning("job %s attempt %s: reading its output failed (%s: %s); again in %.1f s", *w.key,
+                            type(e).__name__, e, delay)
+                self.stopping.wait(delay)
 
     def watch_units(self) -> None:
         now = self.clock()
@@ -178,8 +255,9 @@ class Dispatcher:
 
     def _adopt(self, claimed: Claimed, handle: Handle) -> None:
         started = claimed.started_at.timestamp() if claimed.started_at else self.clock()
-        w = Watched(claimed.spec, claimed.job.max_attempts, handle, started)
+        w = Watched(claimed.job, claimed.spec, handle, started)
         self.watched[w.key] = w
+        self._read_output(w, self.queue.done_pages(*w.key))
         log.info("job %s attempt %s: adopted a running unit (no relaunch)", *w.key)
 
     def _kill(self, w: Watched, reason: KillReason) -> None:
@@ -190,15 +268,29 @@ class Dispatcher:
             self.runtime.kill(w.handle)
 
     def _finish(self, w: Watched, ended: Exit) -> None:
+        if w.reading is not None:  # every byte the unit wrote is read (or refused) before it is judged
+            w.reading.join(5.0 if ended.lost else self.cfg.drain_output_s)
         killed_by = w.killing or self.queue.kill_reason(*w.key)
+        if w.refused is not None:
+            killed_by = KillReason.REFUSED
+            ended = replace(ended, reason=f"refused the cell's results: it {w.refused}")
+        ended = replace(ended, reason=reason_text(ended.reason))
         outcome = classify(ended, killed_by)
-        if outcome is Outcome.OOM:  # it reached its limit, whatever the runtime could sample before the kill
-            ended = replace(ended, peak_memory_bytes=max(ended.peak_memory_bytes or 0, w.spec.memory_limit_bytes))
+        completed = None
+        reader = w.reader
+        if outcome is Outcome.SUCCEEDED:
+            why = "its output could not be read to the end" if reader is None or (w.reading and w.reading.is_alive()) \
+                else reader.incomplete()
+            if why is not None:  # an exit code is only a claim: success needs the whole result
+                outcome, ended = Outcome.ERROR, replace(ended, reason=why)
+            elif reader is not None and reader.document is not None:
+                completed = Completed(reader.document.media_type, reader.document.pages, self.cfg.summarise)
+        ended = replace(ended, peak_memory_bytes=self._peak(w, ended, outcome))
         d = decide(outcome, tier=w.spec.tier, attempt=w.spec.attempt, max_attempts=w.max_attempts,
                    table=self.table, backoff=self.cfg.backoff, exit_reason=ended.reason)
         result = Finish(job_id=w.spec.job_id, attempt=w.spec.attempt, outcome=outcome, exit=ended,
                         duration_s=max(0.0, self.clock() - w.started), next_state=d.state.value,
-                        next_tier=d.tier, delay_s=d.delay_s, reason=d.reason)
+                        next_tier=d.tier, delay_s=d.delay_s, reason=d.reason, completed=completed)
         if self.queue.finish(self.cfg.owner, result):
             level = logging.INFO if outcome is Outcome.SUCCEEDED or d.state is not JobState.FAILED else logging.WARNING
             log.log(level, "job %s attempt %s: %s (exit %s, peak %s) -> %s%s", *w.key, outcome.value,
@@ -210,6 +302,16 @@ class Dispatcher:
         if w.handle:
             self.runtime.cleanup(w.handle)
         self.watched.pop(w.key, None)
+
+    @staticmethod
+    def _peak(w: Watched, ended: Exit, outcome: Outcome) -> int | None:
+        """The runtime's own measure, else the cell's report; never past the limit the cgroup enforced."""
+        limit = w.spec.memory_limit_bytes
+        if outcome is Outcome.OOM:  # it reached its limit, whatever could be sampled before the kill
+            return limit
+        measures = [m for m in (ended.peak_memory_bytes, w.reader.peak_bytes if w.reader else None) if m]
+        seen = max(measures) if measures else None
+        return min(seen, limit) if seen is not None and limit else seen
 
     def _leave(self) -> None:
         """Stop without draining: units keep running and our leases expire now, for prompt adoption."""

@@ -9,11 +9,6 @@ from typing import Any
 
 MIB = 1024 * 1024
 
-# The job container's exit-code contract (see README "Exit codes").
-EXIT_OK = 0
-EXIT_BAD_INPUT = 65  # EX_DATAERR: permanent, never retried
-EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: retry on the same tier
-EXIT_SIGKILL = 137  # 128 + SIGKILL
 
 
 class JobState(enum.StrEnum):
@@ -46,6 +41,7 @@ class KillReason(enum.StrEnum):
     DEADLINE = "deadline"
     CANCEL = "cancel"
     ORPHAN = "orphan"
+    REFUSED = "refused"  # the cell broke the result contract
 
 
 @dataclass(frozen=True)

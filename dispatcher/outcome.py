@@ -5,14 +5,18 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from job_image.contract import EXIT_BAD_INPUT, EXIT_OK, EXIT_SIGKILL
+
 from .classes import SizeClassTable
-from .models import EXIT_BAD_INPUT, EXIT_OK, EXIT_SIGKILL, Exit, JobState, KillReason, Outcome
+from .models import Exit, JobState, KillReason, Outcome
 
 
 def classify(exit: Exit, killed_by: KillReason | None) -> Outcome:
     """The exit-code contract. A kill we caused is never an OOM; an unexplained SIGKILL is."""
     if killed_by is KillReason.CANCEL:
         return Outcome.CANCELLED
+    if killed_by is KillReason.REFUSED:  # its output broke the contract: the same document would again
+        return Outcome.BAD_INPUT
     if killed_by is KillReason.DEADLINE or exit.deadline_exceeded:
         return Outcome.TIMEOUT
     if exit.lost or exit.exit_code is None:

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import BinaryIO, Protocol
+
+from job_image.contract import Header, PageResult
 
 from .models import Exit, Handle, Job, KillReason, LaunchSpec, NewJob, Outcome
+
+
+@dataclass(frozen=True)
+class CellInput:
+    """What a cell is handed: its header, and the one document it may read (the runtime streams it in or
+    presigns it; the cell never sees the store)."""
+
+    header: Header
+    document_uri: str
+
+    def header_line(self) -> bytes:
+        return self.header.model_dump_json().encode() + b"\n"
 
 
 class Runtime(Protocol):
@@ -15,8 +29,12 @@ class Runtime(Protocol):
 
     name: str
 
-    def launch(self, spec: LaunchSpec) -> Handle:
-        """Start the unit. Launching the same (job, attempt) twice must not start a second unit."""
+    def launch(self, spec: LaunchSpec, cell: CellInput) -> Handle:
+        """Start the unit with its input. Launching the same (job, attempt) twice must not start a second unit."""
+
+    def output(self, handle: Handle) -> Iterator[bytes]:
+        """The unit's stdout from its first byte, in chunks, until the unit ends (the cell's result channel).
+        Can be called again (after a dispatcher restart) and yields the same bytes from the start."""
 
     def poll(self, handle: Handle) -> Exit | None:
         """None while it runs; its Exit once it ended (read before cleanup). Exit(lost=True) if it vanished."""
@@ -43,6 +61,15 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class Completed:
+    """A succeeded attempt's document, as its cell declared it (stored with the job's success)."""
+
+    media_type: str
+    page_count: int
+    summarise: bool = False  # an LLM manifest is to follow, on the trusted side
+
+
+@dataclass(frozen=True)
 class Finish:
     """One ended attempt and what the job becomes; applied atomically and fenced on (job, attempt, owner)."""
 
@@ -55,10 +82,24 @@ class Finish:
     next_tier: str
     delay_s: float
     reason: str | None
+    completed: Completed | None = None
 
 
-class Queue(Protocol):
-    """The job queue and its attempt log."""
+class Results(Protocol):
+    """Where the pages a cell emitted go once checked; accepted only while (job, attempt) is running."""
+
+    def done_pages(self, job_id: int, before_attempt: int) -> list[int]:
+        """Pages stored by attempts before `before_attempt`: the ones a new attempt must not redo."""
+
+    def declare_pages(self, job_id: int, attempt: int, pages: int) -> None:
+        """The page count a running attempt declared (progress: pages stored of this)."""
+
+    def put_page(self, job_id: int, attempt: int, page: PageResult) -> bool:
+        """Store one page once; False if the attempt is no longer the job's running one (nothing stored)."""
+
+
+class Queue(Results, Protocol):
+    """The job queue, its attempt log, and the results its cells emitted."""
 
     def submit(self, job: NewJob) -> tuple[int, bool]:
         """Enqueue; (id, created). A document already submitted returns its existing job."""
@@ -101,7 +142,13 @@ class Queue(Protocol):
 
 
 class DocumentStore(Protocol):
-    """Where submitted documents live until their job fetches them."""
+    """Where submitted documents live. Only the dispatcher reads them; a cell gets its one document."""
+
+    def open(self, uri: str) -> tuple[BinaryIO, int]:
+        """The stored document and its size in bytes, for streaming into a cell."""
+
+    def presign(self, uri: str, ttl_s: int) -> str:
+        """A GET URL for this one document that expires in ttl_s (runtimes that cannot stream stdin)."""
 
     def put(self, path: str) -> tuple[str, int, str]:
         """Store a local file; (uri the job fetches, size in bytes, unique key)."""

@@ -13,6 +13,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential_jitter
 
+from job_image.contract import PageResult
+
 from .classes import Admission, SizeClassTable
 from .errors import ConfigError, NotFound
 from .models import Job, JobState, KillReason, LaunchSpec, NewJob, Outcome, Running
@@ -189,8 +191,31 @@ class PostgresQueue:
                       # a succeeded job's last stderr line is progress, not a reason
                       error=None if result.outcome is Outcome.SUCCEEDED else e.reason or None,
                       log_tail=e.log_tail or None)
+            done = result.completed
+            if done is not None:
+                self._one(conn, "complete", job_id=result.job_id, media_type=done.media_type,
+                          page_count=done.page_count)
+                self._one(conn, "manifest_due", job_id=result.job_id,
+                          status="pending" if done.summarise else "skipped")
             return True
         return self._run(go)
+
+    # -- Results port ---------------------------------------------------------------------------------
+
+    def done_pages(self, job_id: int, before_attempt: int) -> list[int]:
+        rows = self._run(lambda c: self._all(c, "done_pages", job_id=job_id, before_attempt=before_attempt))
+        return [r["page"] for r in rows]
+
+    def put_page(self, job_id: int, attempt: int, page: PageResult) -> bool:
+        words = Jsonb([w.model_dump() for w in page.words])
+        row = self._run(lambda c: self._one(
+            c, "put_page", job_id=job_id, attempt=attempt, page=page.page, dpi=page.dpi, width=page.width,
+            height=page.height, text=page.text, words=words, mean_confidence=page.mean_confidence,
+            ocr_seconds=page.ocr_seconds))
+        return bool(row and row["current"])
+
+    def declare_pages(self, job_id: int, attempt: int, pages: int) -> None:
+        self._run(lambda c: self._one(c, "declare_pages", job_id=job_id, attempt=attempt, pages=pages))
 
     def adopt(self, owner: str, pool: str, job_id: int, attempt: int) -> Claimed | None:
         def go(conn: psycopg.Connection[Row]) -> Claimed | None:
@@ -244,6 +269,21 @@ class PostgresQueue:
         row = self._run(lambda c: self._one(c, "now"))
         assert row is not None
         return row["now"]  # type: ignore[no-any-return]
+
+    # -- manifests (dispatcher.manifest.ManifestStore) ------------------------------------------------
+
+    def pending_manifests(self, limit: int) -> list[tuple[int, int]]:
+        rows = self._run(lambda c: self._all(c, "pending_manifests", limit=limit, hold_s=600))
+        return [(r["job_id"], r["tries"]) for r in rows]
+
+    def page_texts(self, job_id: int) -> list[tuple[int, str]]:
+        return [(r["page"], r["text"]) for r in self._run(lambda c: self._all(c, "page_texts", job_id=job_id))]
+
+    def put_manifest(self, job_id: int, status: str, model: str | None, manifest: dict[str, Any] | None,
+                     error: str | None = None, retry_in_s: float = 0.0) -> None:
+        self._run(lambda c: self._one(c, "put_manifest", job_id=job_id, status=status, model=model,
+                                      manifest=None if manifest is None else Jsonb(manifest), error=error,
+                                      delay_s=retry_in_s))
 
     # -- reads for the CLI ----------------------------------------------------------------------------
 

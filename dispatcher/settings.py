@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from job_image.contract import JobOptions
+
 from .classes import SizeClassTable, load_table_from, parse_bytes
 from .errors import ConfigError
 
@@ -29,23 +31,28 @@ class Settings(BaseSettings):
     cgroup_root: str | None = None  # process runtime on cgroup v2: a delegated cgroup with +memory
     process_cap: Literal["auto", "rlimit"] = "auto"
     k8s_namespace: str = "jobcell"
-    k8s_env_secret: str | None = None  # a Secret mounted as env into every job pod (database URL, API keys)
-    k8s_store_claim: str | None = None  # a PVC with the document store, mounted read-only at /store
     k8s_service_account: str | None = None
     # Render: the base service of the one-off jobs (Render sets RENDER_SERVICE_ID in every service) and
     # tier -> planId as JSON; the API key is RENDER_API_KEY, read from the environment only
     render_service_id: str | None = Field(default_factory=lambda: os.environ.get("RENDER_SERVICE_ID"))
     render_plans: dict[str, str] = Field(default_factory=dict)
     job_image: str = "jobcell-job:dev"
-    network: str = "bridge"
+    network: str = "none"  # Docker network of job containers: none, since a cell's input comes on stdin
     job_user: str = "10001:10001"
     pids_limit: int = Field(default=256, ge=16)
-    tmpfs_size: str = "64m"
+    tmpfs_size: str = Field(default="64m", pattern=r"^\d+[kmg]$")
+    scratch_size: str = Field(default="512m", pattern=r"^\d+[kmg]$")  # capped, noexec; counts against memory
     job_cpus: float | None = Field(default=None, gt=0)
-    job_env: str = ""  # comma-separated names of dispatcher variables passed on to every job
-    job_database_url: SecretStr | None = None  # the database as jobs reach it; defaults to database_url
+    # what every document cell is told (its header's options)
+    dpi: int = Field(default=200, ge=72, le=600)
+    max_pages: int = Field(default=2000, ge=1, le=100_000)
+    max_pixels: int = Field(default=40_000_000, ge=1_000_000)
+    max_input_bytes: int = Field(default=200_000_000, ge=1)
+    ocr_lang: str = Field(default="eng", pattern=r"^[A-Za-z_]+(\+[A-Za-z_]+)*$")
+    page_timeout_s: float = Field(default=300.0, gt=0)
+    ocr_workers: int = Field(default=0, ge=0)
+    llm_model: str = "gpt-4o-mini"  # the manifest step, on the trusted side, when OPENAI_API_KEY is set
     store_dir: str = "var/store"
-    store_mount: str | None = None  # what job containers mount at /store; defaults to store_dir
     s3_bucket: str | None = None
     s3_endpoint: str | None = None
     s3_prefix: str = "documents/"
@@ -80,20 +87,28 @@ class Settings(BaseSettings):
                               "e.g. postgresql://jobcell:secret@localhost:5432/jobcell")
         return self.database_url.get_secret_value()
 
-    def passed_env(self) -> dict[str, str]:
-        names = [n.strip() for n in self.job_env.split(",") if n.strip()]
-        missing = [n for n in names if n not in os.environ]
-        if missing:
-            raise ConfigError(f"JOBCELL_JOB_ENV names {missing}, which are not set in the dispatcher's environment")
-        env = {n: os.environ[n] for n in names}
-        job_db = self.job_database_url or self.database_url
-        if job_db is not None:
-            env["JOBCELL_DATABASE_URL"] = job_db.get_secret_value()
-        return env
+    def job_options(self) -> JobOptions:
+        return JobOptions(dpi=self.dpi, max_pages=self.max_pages, max_pixels=self.max_pixels,
+                          max_input_bytes=self.max_input_bytes, lang=self.ocr_lang,
+                          page_timeout_s=self.page_timeout_s, ocr_workers=self.ocr_workers)
+
+
+# Settings that gave cells credentials or a shared store; refused so that an upgrade cannot silently keep them.
+RETIRED = {
+    "JOBCELL_JOB_ENV": "cells hold no credentials any more; the dispatcher stores what they emit and runs the "
+                       "LLM manifest itself (set OPENAI_API_KEY for the dispatcher)",
+    "JOBCELL_JOB_DATABASE_URL": "cells no longer reach the database; the dispatcher stores their pages",
+    "JOBCELL_STORE_MOUNT": "cells no longer mount the store; each is handed its one document on stdin",
+    "JOBCELL_K8S_ENV_SECRET": "job pods get no Secret any more; only the dispatcher holds credentials",
+    "JOBCELL_K8S_STORE_CLAIM": "job pods mount no store; each fetches its one document by a presigned URL",
+}
 
 
 def load_settings() -> Settings:
     """Settings from the environment, or a ConfigError that names each bad variable and what to fix."""
+    retired = [f"  - {name}: {why}; unset it" for name, why in RETIRED.items() if os.environ.get(name)]
+    if retired:
+        raise ConfigError("\n".join(["invalid configuration:", *retired]))
     try:
         s = Settings()
     except ValidationError as err:
@@ -108,6 +123,9 @@ def load_settings() -> Settings:
     if s.runtime in ("kubernetes", "render") and s.memory_budget.endswith("%"):
         raise ConfigError(f"JOBCELL_MEMORY_BUDGET must be an amount (e.g. 8GiB) with JOBCELL_RUNTIME={s.runtime}: "
                           "a share of the dispatcher's own memory says nothing about where jobs run")
+    if s.runtime in ("kubernetes", "render") and not s.s3_bucket:
+        raise ConfigError(f"JOBCELL_RUNTIME={s.runtime} needs JOBCELL_S3_BUCKET: its cells cannot be streamed "
+                          "their document, so each fetches it from the object store by a presigned URL")
     if s.runtime == "render" and not (s.render_service_id and os.environ.get("RENDER_API_KEY")):
         raise ConfigError("JOBCELL_RUNTIME=render needs RENDER_API_KEY and the base service's id "
                           "(JOBCELL_RENDER_SERVICE_ID, or RENDER_SERVICE_ID as Render sets it)")

@@ -7,11 +7,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
-from .errors import SubmitError
+from .errors import DocumentMissing, SubmitError
 
-STORE_SCHEME = "store:"  # store:<name>: a file in the store, mounted into every job container
+STORE_SCHEME = "store:"  # store:<name>: a file in the local store, which only the dispatcher reads
 _CHUNK = 1024 * 1024
 
 
@@ -48,9 +48,23 @@ class LocalStore:
             # copy then rename, so a job never sees half a file
             with tempfile.NamedTemporaryFile(dir=self.root, delete=False) as tmp, src.open("rb") as f:
                 shutil.copyfileobj(f, tmp, _CHUNK)
-            os.chmod(tmp.name, 0o644)  # job containers run as another user
+            os.chmod(tmp.name, 0o600)  # the dispatcher's alone: a cell is handed its one document
             os.replace(tmp.name, dest)
         return STORE_SCHEME + name, src.stat().st_size, "sha256:" + digest
+
+    def open(self, uri: str) -> tuple[BinaryIO, int]:
+        name = uri.removeprefix(STORE_SCHEME)
+        if not uri.startswith(STORE_SCHEME) or "/" in name or name.startswith("."):
+            raise SubmitError(f"{uri}: not a document of the local store")
+        try:
+            f = (self.root / name).open("rb")
+        except FileNotFoundError:
+            raise DocumentMissing(f"{uri} does not exist in the store") from None
+        return f, os.fstat(f.fileno()).st_size
+
+    def presign(self, uri: str, ttl_s: int) -> str:
+        raise SubmitError(f"{uri}: the local store cannot hand out URLs; runtimes without stdin need S3 "
+                          "(set JOBCELL_S3_BUCKET)")
 
     def stat(self, uri: str) -> tuple[int, str]:
         raise SubmitError(f"{uri}: the local store only takes local files; configure JOBCELL_S3_BUCKET for s3://")
@@ -74,6 +88,21 @@ class S3Store:
         self.s3.upload_file(str(src), self.bucket, key)
         return f"s3://{self.bucket}/{key}", src.stat().st_size, "sha256:" + digest
 
+    def open(self, uri: str) -> tuple[BinaryIO, int]:
+        bucket, key = _split(uri)
+        try:
+            obj = self.s3.get_object(Bucket=bucket, Key=key)
+        except self.s3.exceptions.NoSuchKey:
+            raise DocumentMissing(f"{uri} does not exist") from None
+        except self.s3.exceptions.NoSuchBucket:
+            raise DocumentMissing(f"{uri} does not exist (no such bucket)") from None
+        return cast(BinaryIO, obj["Body"]), int(obj["ContentLength"])
+
+    def presign(self, uri: str, ttl_s: int) -> str:
+        bucket, key = _split(uri)
+        return str(self.s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                  ExpiresIn=ttl_s))
+
     def stat(self, uri: str) -> tuple[int, str]:
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         if not bucket or not key:
@@ -83,3 +112,10 @@ class S3Store:
         except Exception as e:  # botocore raises many types; all mean the same to the user
             raise SubmitError(f"{uri}: cannot read it ({e})") from None
         return int(head["ContentLength"]), f"{uri}@{head.get('ETag', '').strip(chr(34))}"
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket or not key:
+        raise SubmitError(f"{uri}: expected s3://bucket/key")
+    return bucket, key

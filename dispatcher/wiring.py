@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import docker
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from .classes import check_budget
+from .classes import check_budget, parse_bytes
 from .errors import ConfigError
 from .loop import Dispatcher, LoopConfig
+from .manifest import ManifestWorker, Summariser
 from .outcome import Backoff
 from .ports import DocumentStore, Runtime
 from .queue import PostgresQueue
@@ -33,45 +33,40 @@ def build_store(s: Settings) -> DocumentStore:
     return LocalStore(s.store_dir)
 
 
-def build_runtime(s: Settings, queue_id: str, client: docker.DockerClient | None = None) -> Runtime:
+def build_runtime(s: Settings, queue_id: str, store: DocumentStore,
+                  client: docker.DockerClient | None = None) -> Runtime:
     if s.runtime == "kubernetes":
         from .runtimes.kubernetes import KubernetesOptions, KubernetesRuntime  # lightkube only where it is used
 
-        env = _job_env(s)
-        if s.k8s_env_secret:  # the Secret carries the database URL: keep it out of every Job's manifest
-            env.pop("JOBCELL_DATABASE_URL", None)
         return KubernetesRuntime(KubernetesOptions(
-            image=s.job_image, namespace=s.k8s_namespace, pool=s.pool, queue_id=queue_id, env=env,
-            env_secret=s.k8s_env_secret, store_claim=s.k8s_store_claim, service_account=s.k8s_service_account,
-            tmpfs_size=s.tmpfs_size.replace("m", "Mi") if s.tmpfs_size.endswith("m") else s.tmpfs_size))
+            image=s.job_image, namespace=s.k8s_namespace, pool=s.pool, queue_id=queue_id,
+            service_account=s.k8s_service_account,
+            tmpfs_size=s.tmpfs_size.replace("m", "Mi") if s.tmpfs_size.endswith("m") else s.tmpfs_size),
+            presign=store.presign)
     if s.runtime == "render":
         from .runtimes.render import RenderOptions, RenderRuntime
 
         assert s.render_service_id is not None  # checked when the settings were loaded
         return RenderRuntime(RenderOptions(service_id=s.render_service_id, api_key=os.environ["RENDER_API_KEY"],
-                                           pool=s.pool, queue_id=queue_id, plans=s.render_plans))
+                                           pool=s.pool, queue_id=queue_id, plans=s.render_plans),
+                             presign=store.presign)
     if s.runtime == "process":
         return ProcessRuntime(ProcessOptions(state_root=s.process_state_dir, pool=s.pool, queue_id=queue_id,
-                                             cgroup_root=s.cgroup_root, cap=s.process_cap, env=_job_env(s)))
-    return _docker_runtime(s, queue_id, client)
-
-
-def _job_env(s: Settings) -> dict[str, str]:
-    env = s.passed_env()
-    if s.s3_endpoint:
-        env.setdefault("JOBCELL_S3_ENDPOINT", s.s3_endpoint)
-    if s.runtime == "process" and not s.s3_bucket:
-        env.setdefault("JOBCELL_STORE_ROOT", str(Path(s.store_dir).resolve()))  # no mount: the store itself
-    return env
-
-
-def _docker_runtime(s: Settings, queue_id: str, client: docker.DockerClient | None) -> DockerRuntime:
-    mount = s.store_mount or str(Path(s.store_dir).resolve())
-    env = _job_env(s)
+                                             cgroup_root=s.cgroup_root, cap=s.process_cap,
+                                             scratch_bytes=parse_bytes(s.scratch_size)), documents=store.open)
     options = DockerOptions(image=s.job_image, pool=s.pool, queue_id=queue_id, network_mode=s.network,
-                            user=s.job_user, pids_limit=s.pids_limit, tmpfs_size=s.tmpfs_size, cpus=s.job_cpus,
-                            store_source=None if s.s3_bucket else mount, env=env)
-    return DockerRuntime(options, client=client)
+                            user=s.job_user, pids_limit=s.pids_limit, tmpfs_size=s.tmpfs_size,
+                            scratch_size=s.scratch_size, cpus=s.job_cpus)
+    return DockerRuntime(options, client=client, documents=store.open)
+
+
+def build_manifests(s: Settings, queue: PostgresQueue) -> ManifestWorker | None:
+    """The LLM manifest step, on the trusted side; None when no OPENAI_API_KEY is set."""
+    key = os.environ.get("OPENAI_API_KEY")
+    if not key:
+        return None
+    summariser = Summariser(key, os.environ.get("OPENAI_BASE_URL") or None, s.llm_model)
+    return ManifestWorker(queue, summariser)
 
 
 def _engine(s: Settings) -> docker.DockerClient:
@@ -110,10 +105,11 @@ def build_dispatcher(s: Settings, migrate: bool = False) -> Dispatcher:
     queue = build_queue(s, give_up_after_s=None)  # the dispatcher waits out a database outage
     if migrate:
         queue.migrate()
-    runtime = build_runtime(s, queue.queue_id(), client)
     if not s.s3_bucket:
-        os.makedirs(s.store_dir, exist_ok=True)
+        os.makedirs(s.store_dir, mode=0o700, exist_ok=True)
+    runtime = build_runtime(s, queue.queue_id(), build_store(s), client)
     config = LoopConfig(owner=s.dispatcher_id, pool=s.pool, budget_bytes=budget, poll_s=s.poll_interval_s,
                         heartbeat_s=s.lease_ttl_s / 3, reconcile_s=max(2.0, s.lease_ttl_s / 6),
-                        backoff=Backoff(s.backoff_exponent, s.backoff_cap_s))
+                        backoff=Backoff(s.backoff_exponent, s.backoff_cap_s), job_options=s.job_options(),
+                        summarise=bool(os.environ.get("OPENAI_API_KEY")))
     return Dispatcher(queue, runtime, table, config)

@@ -1,16 +1,38 @@
-"""The job side of the exit-code contract (the dispatcher's side is dispatcher/models.py; a test keeps them equal)."""
+"""The one contract between the dispatcher and a job cell, imported by both sides (pydantic is its only import).
+
+A cell holds no credential and reaches no database. It is handed everything it may know and answers on
+stdout; the dispatcher, the only trusted writer, checks every answer before it stores anything:
+
+- **In.** One `Header` line (JSON) on stdin, then exactly `Header.document_bytes` bytes of the document.
+  Where a runtime cannot stream stdin (Kubernetes, Render), the header comes in the `JOBCELL_HEADER`
+  variable and the document from a presigned GET URL (`JOBCELL_DOCUMENT_URL`) that expires in minutes.
+- **Out.** JSON lines on stdout, one `Record` each, every one naming its own (job, attempt); anything that is
+  not a record is refused. Human progress and the failure reason go to stderr (its last line is the reason).
+- **End.** An exit code below. Exit 0 counts only when a `Done` record came and every page is stored.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+VERSION = 1
+
+# Exit codes (sysexits where one fits). 137 is 128 + SIGKILL: the cgroup's OOM kill, or the job's own
+# MemoryError reported the same way; the dispatcher trusts only the runtime's OOM signal to call it oom.
 EXIT_OK = 0
-EXIT_BAD_INPUT = 65  # permanent: never retried; the last stderr line is the reason
-EXIT_TEMPFAIL = 75  # temporary: retried on the same tier
-PEAK_MARKER = "jobcell-peak-bytes="
+EXIT_ERROR = 1  # unexpected: retried on the same tier
+EXIT_BAD_INPUT = 65  # EX_DATAERR: permanent, never retried; the last stderr line is the reason
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: retried on the same tier
+EXIT_SIGKILL = 137
+
+ENV_HEADER = "JOBCELL_HEADER"
+ENV_DOCUMENT_URL = "JOBCELL_DOCUMENT_URL"
+ENV_SCRATCH = "JOBCELL_SCRATCH"
+
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_REASON_CHARS = 300
 
 
 class BadInput(Exception):
@@ -21,33 +43,115 @@ class TempFail(Exception):
     """A dependency failed; the same attempt may succeed later."""
 
 
-@dataclass(frozen=True)
-class JobEnv:
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobOptions(_Strict):
+    """The document workload's settings: validated by the dispatcher at start, handed to every cell."""
+
+    dpi: int = Field(default=200, ge=72, le=600)
+    max_pages: int = Field(default=2000, ge=1, le=100_000)
+    max_pixels: int = Field(default=40_000_000, ge=1_000_000)
+    max_input_bytes: int = Field(default=200_000_000, ge=1)
+    lang: str = Field(default="eng", pattern=r"^[A-Za-z_]+(\+[A-Za-z_]+)*$")
+    page_timeout_s: float = Field(default=300.0, gt=0)
+    ocr_workers: int = Field(default=0, ge=0)  # 0: as many as CPUs and memory allow
+
+
+class Header(_Strict):
+    """Everything a cell is told about its attempt."""
+
+    v: Literal[1] = 1
     job_id: int
-    attempt: int
+    attempt: int = Field(ge=1)
     tier: str
-    memory_limit_bytes: int
-    document: str
+    memory_limit_bytes: int = Field(ge=0)
     workload: str
-    params: dict[str, Any] = field(default_factory=dict)
-    database_url: str | None = None
-
-    @classmethod
-    def from_environ(cls, env: dict[str, str] | None = None) -> JobEnv:
-        e = dict(os.environ if env is None else env)
-        return cls(job_id=int(e.get("JOBCELL_JOB_ID", "0")), attempt=int(e.get("JOBCELL_ATTEMPT", "1")),
-                   tier=e.get("JOBCELL_TIER", ""), memory_limit_bytes=int(e.get("JOBCELL_MEMORY_LIMIT_BYTES", "0")),
-                   document=e.get("JOBCELL_DOCUMENT", ""), workload=e.get("JOBCELL_WORKLOAD", "ocr"),
-                   params=json.loads(e.get("JOBCELL_PARAMS") or "{}"),
-                   database_url=e.get("JOBCELL_DATABASE_URL") or None)
+    params: dict[str, Any] = Field(default_factory=dict)
+    done_pages: list[int] = Field(default_factory=list)  # stored by earlier attempts: resume after them
+    document_name: str = ""  # a display name with the submitted suffix; the content decides the type
+    document_bytes: int = Field(default=0, ge=0)
+    options: JobOptions = Field(default_factory=lambda: JobOptions())
 
 
-def peak_memory_bytes() -> int | None:
-    """This container's peak memory as its cgroup counted it (v1 or v2)."""
-    for path in ("/sys/fs/cgroup/memory/memory.max_usage_in_bytes", "/sys/fs/cgroup/memory.peak"):
-        try:
-            with open(path) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-    return None
+# -- what a cell emits --------------------------------------------------------------------------------------
+
+class Limits(_Strict):
+    """Bounds on what one cell may emit; past any of them its attempt is refused."""
+
+    max_record_bytes: int = 4 * 1024 * 1024
+    max_text_chars: int = 200_000  # per page
+    max_words: int = 50_000  # per page
+    max_total_bytes_per_page: int = 2 * 1024 * 1024  # the whole stream: this times the declared pages, + 1 MiB
+
+
+class Word(_Strict):
+    text: str = Field(max_length=1000)
+    left: int
+    top: int
+    width: int = Field(ge=0)
+    height: int = Field(ge=0)
+    conf: float
+
+
+class _Record(_Strict):
+    job: int
+    attempt: int
+
+
+class DocumentInfo(_Record):
+    """Sent once, before any page: the document's type and page count, which bound every later page."""
+
+    type: Literal["document"] = "document"
+    media_type: str = Field(max_length=100)
+    pages: int = Field(ge=0)
+
+
+class PageResult(_Record):
+    type: Literal["page"] = "page"
+    page: int = Field(ge=1)
+    dpi: int = Field(ge=1, le=10_000)
+    width: int = Field(ge=0)
+    height: int = Field(ge=0)
+    text: str
+    words: list[Word]
+    mean_confidence: float | None = None
+    ocr_seconds: float = Field(ge=0)
+
+
+class Peak(_Record):
+    """The cell's own cgroup peak, as it exits (a fallback: runtimes measure it themselves where they can)."""
+
+    type: Literal["peak"] = "peak"
+    bytes: int = Field(ge=0)
+
+
+class Done(_Record):
+    """The last record of a successful run."""
+
+    type: Literal["done"] = "done"
+
+
+Record = Annotated[DocumentInfo | PageResult | Peak | Done, Field(discriminator="type")]
+RECORD: TypeAdapter[Record] = TypeAdapter(Record)
+
+
+def encode(record: BaseModel) -> bytes:
+    return record.model_dump_json().encode() + b"\n"
+
+
+def decode(line: bytes) -> Record:
+    """One stdout line as a Record; ValueError (with a short reason) for anything else."""
+    try:
+        return RECORD.validate_json(line)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "record"
+        raise ValueError(f"invalid record ({where}: {first['msg']})") from None
+
+
+def reason_text(text: str) -> str:
+    """A cell's words made safe to show: printable, one line, truncated."""
+    clean = "".join(ch if ch.isprintable() else "?" for ch in text.strip())
+    return clean if len(clean) <= MAX_REASON_CHARS else clean[: MAX_REASON_CHARS - 1] + "…"

@@ -6,12 +6,13 @@ import sys
 import time
 from typing import Any
 
-from .contract import BadInput
+from .cell_io import Channel
+from .contract import EXIT_OK, BadInput, DocumentInfo
 
 _STEP = 8 * 1024 * 1024
 
 
-def run(params: dict[str, Any]) -> int:
+def run(params: dict[str, Any], channel: Channel) -> int:
     unknown = set(params) - {"alloc_mib", "sleep_s", "exit_code", "message", "step_sleep_s"}
     if unknown:
         raise BadInput(f"diagnostic workload: unknown parameters {sorted(unknown)}")
@@ -23,8 +24,13 @@ def run(params: dict[str, Any]) -> int:
         remaining -= n
         if params.get("step_sleep_s"):
             time.sleep(float(params["step_sleep_s"]))
-    print(f"allocated {sum(map(len, held)) // (1024 * 1024)} MiB", flush=True)
+    print(f"allocated {sum(map(len, held)) // (1024 * 1024)} MiB", file=sys.stderr, flush=True)
     time.sleep(float(params.get("sleep_s", 0)))
     if params.get("message"):
         print(str(params["message"]), file=sys.stderr, flush=True)
-    return int(params.get("exit_code", 0))
+    code = int(params.get("exit_code", 0))
+    if code == EXIT_OK:
+        channel.emit(DocumentInfo(job=channel.job, attempt=channel.attempt, media_type="application/x-jobcell-diag",
+                                  pages=0))
+        channel.done()
+    return code

@@ -1,36 +1,48 @@
-"""The job container's entry point: run one workload, map its end to the exit-code contract."""
+"""The cell's entry point: read the header and the document, run one workload, map its end to an exit code."""
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 
-from . import diag
+from . import diag, probe
+from .cell_io import Channel, read_header, receive_document
 from .contract import (
+    ENV_SCRATCH,
     EXIT_BAD_INPUT,
+    EXIT_ERROR,
+    EXIT_SIGKILL,
     EXIT_TEMPFAIL,
-    PEAK_MARKER,
     BadInput,
-    JobEnv,
+    Header,
     TempFail,
-    peak_memory_bytes,
 )
 
 
-def run(env: JobEnv) -> int:
-    if env.workload == "diag":
-        return diag.run(env.params)
-    if env.workload == "ocr":
+def run(header: Header, channel: Channel, scratch: Path) -> int:
+    if header.workload == "diag":
+        return diag.run(header.params, channel)
+    if header.workload == "probe":
+        return probe.run(header, channel, scratch)
+    if header.workload == "ocr":
         from .pipeline import run as run_document  # heavy imports only for the document workload
 
-        return run_document(env)
-    raise BadInput(f"unknown workload {env.workload!r}: expected 'ocr' or 'diag'")
+        document = receive_document(header, sys.stdin.buffer, scratch)
+        return run_document(header, document, channel, scratch)
+    raise BadInput(f"unknown workload {header.workload!r}: expected 'ocr' or 'diag'")
 
 
 def main() -> int:
-    code = 1
+    code = EXIT_ERROR
+    channel: Channel | None = None
     try:
-        code = run(JobEnv.from_environ())
+        header = read_header(sys.stdin.buffer)
+        channel = Channel(header)
+        with tempfile.TemporaryDirectory(dir=os.environ.get(ENV_SCRATCH) or None, prefix="jobcell-") as tmp:
+            code = run(header, channel, Path(tmp))
     except BadInput as e:
         print(f"bad input: {e}", file=sys.stderr)
         code = EXIT_BAD_INPUT
@@ -38,19 +50,30 @@ def main() -> int:
         print(f"temporary failure: {e}", file=sys.stderr)
         code = EXIT_TEMPFAIL
     except MemoryError as e:
-        # Same outcome as the cgroup's kill (oom, retried on a bigger tier), when we live to report it.
+        # Reported like the cgroup's kill, when we live to report it; the dispatcher decides what it was.
         print(f"out of memory: {e}" if str(e) else "out of memory", file=sys.stderr)
-        code = 137
+        code = EXIT_SIGKILL
     except Exception as e:  # anything else: retried on the same tier up to max attempts
         traceback.print_exc()
         print(f"unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
-        code = 1
+        code = EXIT_ERROR
     finally:
         peak = peak_memory_bytes()
-        if peak is not None:
-            print(f"{PEAK_MARKER}{peak}", flush=True)
+        if channel is not None and peak is not None:
+            channel.peak(peak)
         sys.stderr.flush()
     return code
+
+
+def peak_memory_bytes() -> int | None:
+    """This cell's peak memory as its cgroup counted it (v1 or v2)."""
+    for path in ("/sys/fs/cgroup/memory/memory.max_usage_in_bytes", "/sys/fs/cgroup/memory.peak"):
+        try:
+            with open(path) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 if __name__ == "__main__":

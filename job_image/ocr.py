@@ -42,8 +42,8 @@ def ocr(image: Image.Image, lang: str = "eng", timeout_s: float = 300, dpi: int 
         if not str(word).strip():
             continue
         conf = float(data["conf"][i])
-        words.append({"text": word, "left": data["left"][i], "top": data["top"][i], "width": data["width"][i],
-                      "height": data["height"][i], "conf": conf})
+        words.append({"text": str(word), "left": int(data["left"][i]), "top": int(data["top"][i]),
+                      "width": int(data["width"][i]), "height": int(data["height"][i]), "conf": conf})
         lines.setdefault((data["block_num"][i], data["par_num"][i], data["line_num"][i]), []).append(str(word))
     text = _join(lines)
     confs = [w["conf"] for w in words if w["conf"] >= 0]

@@ -140,7 +140,7 @@ def any_runtime(request: pytest.FixtureRequest, pool: str, queue: PostgresQueue,
     elif request.param == "render":
         from dispatcher.runtimes.render import RenderOptions, RenderRuntime
 
-        from .fake_render import FakeRender
+        from .fake_render import FakeRender, fake_presign
 
         plans = {f"plan-test-{c['name']}": int(c["memory_limit_bytes"].removesuffix("MiB")) * MIB
                  for c in TEST_CLASSES}
@@ -150,14 +150,16 @@ def any_runtime(request: pytest.FixtureRequest, pool: str, queue: PostgresQueue,
         request.addfinalizer(stack.close)
         rt = RenderRuntime(RenderOptions(service_id="srv-test", api_key="rnd_test_key", pool=pool,
                                          queue_id=queue.queue_id(), base_url=render.url,
-                                         plans={c["name"]: f"plan-test-{c['name']}" for c in TEST_CLASSES}))
+                                         plans={c["name"]: f"plan-test-{c['name']}" for c in TEST_CLASSES},
+                                         own_service_id="srv-dispatcher", log_poll_s=0.2, log_settle_s=1.0),
+                           presign=fake_presign)
     else:
         from lightkube import Client
         from lightkube.config.kubeconfig import KubeConfig
 
         from dispatcher.runtimes.kubernetes import KubernetesOptions, KubernetesRuntime
 
-        from .fake_kubernetes import FakeKubernetes
+        from .fake_kubernetes import FakeKubernetes, fake_presign
 
         fake = FakeKubernetes()
         stack = contextlib.ExitStack()
@@ -169,8 +171,9 @@ def any_runtime(request: pytest.FixtureRequest, pool: str, queue: PostgresQueue,
                       "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "jobcell",
                                                                 "namespace": "jobcell"}}]}
         client = Client(config=KubeConfig.from_dict(kubeconfig), namespace="jobcell")
-        rt = KubernetesRuntime(KubernetesOptions(namespace="jobcell", pool=pool, queue_id=queue.queue_id()),
-                               client=client)
+        rt = KubernetesRuntime(KubernetesOptions(namespace="jobcell", pool=pool, queue_id=queue.queue_id(),
+                                                 log_poll_s=0.1),
+                               presign=fake_presign, client=client)
     yield rt
     for h in rt.owned():  # whatever a failed test left behind
         rt.kill(h)

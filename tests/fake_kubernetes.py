@@ -3,18 +3,25 @@
 It serves the endpoints the runtime uses, with objects shaped as the Kubernetes API reference documents them:
 batch/v1 Job (status.active / succeeded / failed, status.conditions[] with type Complete or Failed and, for a
 Job past activeDeadlineSeconds, reason "DeadlineExceeded", message "Job was active longer than specified
-deadline"), core/v1 Pod (status.phase, status.containerStatuses[].state.running / .terminated with exitCode,
-reason "OOMKilled" / "Error" / "Completed", startedAt, finishedAt, containerID), pod logs as text/plain, and
-meta/v1 Status for errors (reason "NotFound" 404, "AlreadyExists" 409).
+deadline"), core/v1 Pod (status.phase, status.containerStatuses[].state.waiting / .running / .terminated with
+exitCode, reason "OOMKilled" / "Error" / "Completed", startedAt, finishedAt, containerID), core/v1 Secret
+(stringData is folded into base64 `data` on write, as the API server does), pod logs as text/plain
+(`GET /api/v1/namespaces/{ns}/pods/{name}/log`: 400 while the container is waiting to start, `follow` holds the
+answer until the container ends, `tailLines`), and meta/v1 Status for errors (reason "NotFound" 404,
+"AlreadyExists" 409, "BadRequest" 400).
 
-What a real kubelet would do is simulated from the job's own diagnostic parameters (JOBCELL_PARAMS): it runs
-for sleep_s, is OOMKilled when alloc_mib plus a 15 MiB interpreter exceeds its memory limit, else exits with
-exit_code, printing `message` and its peak as the job image does. It tests our reading of the documented
-payloads, not real memory kills: those are tested on Docker and the process runtime.
+What a real kubelet would do is simulated from the header the cell is given (JOBCELL_HEADER): a diagnostic run
+lasts sleep_s, is OOMKilled when alloc_mib plus a 15 MiB interpreter exceeds its memory limit, else exits with
+exit_code. Its log is what the job image prints, stdout and stderr merged as a kubelet merges them: progress and
+`message` lines, then on success the DocumentInfo and Done records, then its Peak record. A pod whose
+secretKeyRef names no Secret at its start waits with CreateContainerConfigError, as a kubelet's does. It tests
+our reading of the documented payloads, not real memory kills: those are tested on Docker and the process
+runtime.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -24,9 +31,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from job_image.contract import DocumentInfo, Done, Peak, encode
+
 from . import fake_http
 
 MIB = 1024 * 1024
+
+
+def fake_presign(uri: str, ttl_s: int) -> str:
+    """A stand-in for S3Store.presign: the shape of a presigned GET, recognisable in any manifest it leaks to."""
+    return f"https://store.invalid/{uri.rsplit('/', 1)[-1]}?X-Amz-Expires={ttl_s}&X-Amz-Signature=test-signature"
 
 
 def _now(t: float) -> str:
@@ -43,29 +57,43 @@ class SimJob:
     manifest: dict[str, Any]
     created: float
     pod_name: str
-    deleted: bool = False
+    missing_secret: str | None = None  # a secretKeyRef that named no Secret when the pod was to start
     plan: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return str(self.manifest["metadata"]["name"])
 
-    def _container(self) -> dict[str, Any]:
+    def container(self) -> dict[str, Any]:
         return self.manifest["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
 
+    def header(self) -> dict[str, Any]:
+        env = {e["name"]: e.get("value", "") for e in self.container().get("env", [])}
+        return json.loads(env.get("JOBCELL_HEADER") or "{}")  # type: ignore[no-any-return]
+
     def plan_run(self) -> None:
-        env = {e["name"]: e.get("value", "") for e in self._container().get("env", [])}
-        params = json.loads(env.get("JOBCELL_PARAMS") or "{}")
-        limit = int(self._container()["resources"]["limits"]["memory"])
+        header = self.header()
+        params = header.get("params") or {}
+        limit = int(self.container()["resources"]["limits"]["memory"])
         used = int(float(params.get("alloc_mib", 0)) * MIB) + 15 * MIB
         oom = used > limit
+        stuck = self.missing_secret is not None
         self.plan = {
             "start": self.created + 0.2,
-            "end": self.created + 0.2 + (0.3 if oom else float(params.get("sleep_s", 0)) + 0.1),
+            "end": float("inf") if stuck else
+            self.created + 0.2 + (0.3 if oom else float(params.get("sleep_s", 0)) + 0.1),
             "oom": oom, "exit": 137 if oom else int(params.get("exit_code", 0)),
-            "message": params.get("message", ""), "peak": min(used, limit),
+            "message": params.get("message", ""), "peak": min(used, limit), "alloc_mib": params.get("alloc_mib", 0),
             "deadline": self.created + float(self.manifest["spec"].get("activeDeadlineSeconds", 1e9)),
+            "job": int(header.get("job_id", 0)), "attempt": int(header.get("attempt", 1)),
         }
+
+    def started(self, now: float) -> bool:
+        return now >= self.plan["start"] and self.missing_secret is None
+
+    def ended_at(self) -> float:
+        p = self.plan
+        return float(min(p["end"], p["deadline"]))
 
     def pod(self, now: float) -> dict[str, Any]:
         p = self.plan
@@ -76,7 +104,10 @@ class SimJob:
         if now < p["start"]:
             return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "status": {"phase": "Pending"}}
         state: dict[str, Any]
-        if now < p["end"] and now < p["deadline"]:
+        if self.missing_secret is not None:
+            phase, state = "Pending", {"waiting": {"reason": "CreateContainerConfigError",
+                                                   "message": f'secret "{self.missing_secret}" not found'}}
+        elif now < p["end"] and now < p["deadline"]:
             phase, state = "Running", {"running": {"startedAt": _now(p["start"])}}
         elif now >= p["deadline"] and p["end"] > p["deadline"]:
             phase, state = "Failed", {"terminated": {"exitCode": 137, "reason": "Error", "startedAt": _now(p["start"]),
@@ -87,7 +118,7 @@ class SimJob:
             state = {"terminated": {"exitCode": p["exit"], "reason": reason, "startedAt": _now(p["start"]),
                                     "finishedAt": _now(p["end"]), "containerID": f"containerd://{self.pod_name}"}}
         status = {"phase": phase, "containerStatuses": [
-            {"name": "job", "image": self._container()["image"], "imageID": "", "ready": phase == "Running",
+            {"name": "job", "image": self.container()["image"], "imageID": "", "ready": phase == "Running",
              "restartCount": 0, "started": phase == "Running", "state": state}]}
         return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "status": status}
 
@@ -114,16 +145,30 @@ class SimJob:
         return {**self.manifest, "metadata": meta, "status": status}
 
     def logs(self, now: float) -> str:
-        if now < self.plan["end"] or self.plan["oom"]:
-            return ""
-        lines = [self.plan["message"]] if self.plan["message"] else []
-        return "".join(f"{ln}\n" for ln in [*lines, f"jobcell-peak-bytes={self.plan['peak']}"])
+        """What the container printed by `now`, stdout and stderr in one log as a kubelet keeps them."""
+        p = self.plan
+        if not self.started(now) or p["oom"]:
+            return ""  # an OOM kill comes during the allocation, before the first line
+        tag = {"job": p["job"], "attempt": p["attempt"]}
+        lines = [f"allocated {int(float(p['alloc_mib']))} MiB\n"]
+        if now >= p["end"]:
+            if p["message"]:
+                lines.append(f"{p['message']}\n")
+            if p["exit"] == 0:
+                lines += [encode(DocumentInfo(**tag, media_type="application/x-jobcell-diag", pages=0)).decode(),
+                          encode(Done(**tag)).decode()]
+            lines.append(encode(Peak(**tag, bytes=p["peak"])).decode())
+        return "".join(lines)
 
 
 class FakeKubernetes:
     def __init__(self) -> None:
         self.jobs: dict[str, SimJob] = {}
+        self.secrets: dict[str, dict[str, Any]] = {}
         self.created: list[dict[str, Any]] = []  # every Job manifest as the runtime sent it
+        self.secrets_created: list[dict[str, Any]] = []  # every Secret as the runtime sent it
+        self.calls: list[tuple[str, str, str]] = []  # (method, resource, name) of every write, in order
+        self.forbid: set[tuple[str, str]] = set()  # (method, resource) answered 403, as RBAC would
         self.lock = threading.Lock()
         self.url = ""
 
@@ -133,9 +178,63 @@ class FakeKubernetes:
         return [j for j in self.jobs.values()
                 if all(j.pod(now)["metadata"]["labels"].get(k) == v for k, v in want.items())]
 
+    def _missing_secret(self, manifest: dict[str, Any]) -> str | None:
+        for c in manifest["spec"]["template"]["spec"]["containers"]:
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] not in self.secrets:
+                    return str(ref["name"])
+        return None
+
+    def _secrets(self, method: str, name: str | None, body: Any) -> tuple[int, Any]:
+        if method == "POST":
+            taken = body["metadata"]["name"]
+            if taken in self.secrets:
+                return 409, _status(409, "AlreadyExists", f'secrets "{taken}" already exists')
+            self.secrets_created.append(body)
+            data = dict(body.get("data") or {})
+            data.update({k: base64.b64encode(v.encode()).decode() for k, v in (body.get("stringData") or {}).items()})
+            stored = {k: v for k, v in body.items() if k != "stringData"}
+            stored["data"] = data
+            self.secrets[taken] = stored
+            return 201, stored
+        if name is None or name not in self.secrets:
+            return 404, _status(404, "NotFound", f'secrets "{name}" not found')
+        if method == "DELETE":
+            del self.secrets[name]
+            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+        return 200, self.secrets[name]
+
+    def _log(self, pod: str, query: dict[str, list[str]]) -> tuple[int, Any]:
+        with self.lock:
+            job = next((j for j in self.jobs.values() if j.pod_name == pod), None)
+        if job is None:
+            return 404, _status(404, "NotFound", f'pods "{pod}" not found')
+        container = query.get("container", ["job"])[0]
+        if not job.started(time.time()):
+            why = "CreateContainerConfigError" if job.missing_secret else "ContainerCreating"
+            return 400, _status(400, "BadRequest", f'container "{container}" in pod "{pod}" is waiting to start: {why}')
+        if query.get("follow", ["false"])[0] == "true":  # held open until the container ends, or the Job goes
+            while time.time() < job.ended_at() and job.name in self.jobs:
+                time.sleep(0.05)
+        text = job.logs(time.time())
+        if "tailLines" in query:
+            n = int(query["tailLines"][0])
+            text = "".join(text.splitlines(keepends=True)[-n:]) if n else ""
+        return 200, text
+
     def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         parts = path.strip("/").split("/")
+        if parts[:2] == ["api", "v1"] and parts[4:5] == ["pods"] and parts[6:7] == ["log"]:
+            return self._log(parts[5], query)  # outside the lock: a follow waits for the container
         now = time.time()
+        resource = parts[5] if len(parts) > 5 and parts[:2] == ["apis", "batch"] else parts[4] if len(parts) > 4 else ""
+        if (method, resource) in self.forbid:
+            return 403, _status(403, "Forbidden", f'{resource} is forbidden: User "jobcell" cannot '
+                                                  f"{method.lower()} resource \"{resource}\"")
+        if method in ("POST", "DELETE"):
+            target = (body or {}).get("metadata", {}).get("name") if method == "POST" else parts[-1]
+            self.calls.append((method, resource, str(target)))
         with self.lock:
             if parts[:3] == ["apis", "batch", "v1"] and parts[5:6] == ["jobs"]:  # .../namespaces/NS/jobs[/NAME]
                 name = parts[6] if len(parts) > 6 else None
@@ -143,7 +242,8 @@ class FakeKubernetes:
                     if (taken := body["metadata"]["name"]) in self.jobs:
                         return 409, _status(409, "AlreadyExists", f'jobs.batch "{taken}" already exists')
                     self.created.append(body)
-                    job = SimJob(body, now, f"{body['metadata']['name']}-{uuid.uuid4().hex[:5]}")
+                    job = SimJob(body, now, f"{body['metadata']['name']}-{uuid.uuid4().hex[:5]}",
+                                 missing_secret=self._missing_secret(body))
                     job.plan_run()
                     self.jobs[job.name] = job
                     return 201, job.job(now)
@@ -157,12 +257,9 @@ class FakeKubernetes:
                     del self.jobs[name]
                     return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
                 return 200, self.jobs[name].job(now)
-            if parts[:2] == ["api", "v1"] and parts[4:5] == ["pods"]:  # /api/v1/namespaces/NS/pods[/NAME/log]
-                if len(parts) > 6 and parts[6] == "log":
-                    job = next((j for j in self.jobs.values() if j.pod_name == parts[5]), None)
-                    if job is None:
-                        return 404, _status(404, "NotFound", f'pods "{parts[5]}" not found')
-                    return 200, job.logs(now)
+            if parts[:2] == ["api", "v1"] and parts[4:5] == ["secrets"]:  # /api/v1/namespaces/NS/secrets[/NAME]
+                return self._secrets(method, parts[5] if len(parts) > 5 else None, body)
+            if parts[:2] == ["api", "v1"] and parts[4:5] == ["pods"]:  # /api/v1/namespaces/NS/pods
                 items = self._select(query.get("labelSelector", [""])[0])
                 return 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {},
                              "items": [j.pod(now) for j in items]}

@@ -21,7 +21,8 @@ from dispatcher.models import MIB, JobState, NewJob
 from dispatcher.outcome import Backoff
 from dispatcher.queue import PostgresQueue
 from dispatcher.runtimes.docker import DockerOptions, DockerRuntime
-from dispatcher.store import LocalStore
+from dispatcher.store import LocalStore, S3Store
+from job_image.contract import JobOptions
 
 from .conftest import CORPUS, JOB_IMAGE, Running, wait_final
 
@@ -36,24 +37,25 @@ class Docs:
     """A dispatcher whose jobs run the real OCR pipeline and store pages in the test's database."""
 
     def __init__(self, db_url: str, pool: str, store_dir: Path, docker_client: Any) -> None:
-        self.db_url, self.pool, self.store = db_url, pool, LocalStore(str(store_dir))
+        self.db_url, self.pool = db_url, pool
+        self.store: LocalStore | S3Store = LocalStore(str(store_dir))
         self.store_dir, self.client = store_dir, docker_client
         self.running: list[Running] = []
         self.queue: PostgresQueue | None = None
 
-    def start(self, classes: list[dict[str, Any]] = DEFAULT_LIKE, env: dict[str, str] | None = None) -> PostgresQueue:
+    def start(self, classes: list[dict[str, Any]] = DEFAULT_LIKE, store: S3Store | None = None,
+              summarise: bool = False, **options: Any) -> PostgresQueue:
+        """A dispatcher on sealed cells (network none, no env, no mount); options go into every header."""
         table = load_table(classes)
         self.queue = PostgresQueue(self.db_url, table, lease_ttl_s=10.0)
         self.queue.migrate()
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        self.store_dir.chmod(0o755)
-        runtime = DockerRuntime(DockerOptions(
-            image=JOB_IMAGE, pool=self.pool, queue_id=self.queue.queue_id(), network_mode="host",
-            store_source=str(self.store_dir), env={"JOBCELL_DATABASE_URL": self.db_url, **(env or {})}),
-            client=self.client)
+        self.store = store or self.store
+        runtime = DockerRuntime(DockerOptions(image=JOB_IMAGE, pool=self.pool, queue_id=self.queue.queue_id()),
+                                client=self.client, documents=self.store.open)
         dq = PostgresQueue(self.db_url, table, lease_ttl_s=10.0, give_up_after_s=None)
         cfg = LoopConfig(owner=f"docs-{uuid.uuid4().hex[:4]}", pool=self.pool, budget_bytes=6 * 1024 * MIB,
-                         poll_s=0.2, heartbeat_s=3, reconcile_s=2, backoff=Backoff(exponent=0))
+                         poll_s=0.2, heartbeat_s=3, reconcile_s=2, backoff=Backoff(exponent=0),
+                         job_options=JobOptions(**options), summarise=summarise)
         self.running.append(Running(Dispatcher(dq, runtime, table, cfg)))
         return self.queue
 
@@ -218,7 +220,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
 
 
 def test_bad_inputs_fail_once_with_a_specific_reason(docs, tmp_path):
-    q = docs.start(env={"JOBCELL_MAX_PAGES": "3"})
+    q = docs.start(max_pages=3)
     ids = {}
     for name, (make, _) in BAD_INPUTS.items():
         ids[name] = docs.submit(make(tmp_path / name))

@@ -6,11 +6,10 @@ import json
 
 import pytest
 
+from dispatcher.manifest import CHUNK_CHARS, ManifestFailed, ManifestWorker, Summariser, chunks
 from dispatcher.models import JobState
-from job_image.contract import TempFail
-from job_image.manifest import CHUNK_CHARS, Summariser, chunks
 
-from .conftest import CORPUS, wait_final
+from .conftest import CORPUS, wait_final, wait_for
 from .fake_openai import MANIFEST, RATE_LIMITED, SERVER_ERROR, FakeOpenAI, chat_completion
 from .test_documents import docs  # noqa: F401 (fixture)
 
@@ -51,28 +50,34 @@ def test_a_reply_that_breaks_the_schema_is_retried_then_given_up_as_temporary():
     broken = (200, chat_completion(json.dumps({"document_type": "letter"})))  # required fields missing
     with FakeOpenAI([broken, OK]).serve() as fake:
         assert summariser(fake).manifest([(1, "text")]).people == ["Jane Doe"]
-    with FakeOpenAI([broken] * 4).serve() as fake, pytest.raises(TempFail, match="after retries"):
+    with FakeOpenAI([broken] * 4).serve() as fake, pytest.raises(ManifestFailed, match="after retries"):
         summariser(fake).manifest([(1, "text")])
 
 
 def test_a_client_error_is_not_retried():
     bad_request = (400, {"error": {"message": "Invalid 'messages'", "type": "invalid_request_error",
                                    "param": "messages", "code": None}})
-    with FakeOpenAI([bad_request, OK]).serve() as fake, pytest.raises(TempFail):
+    with FakeOpenAI([bad_request, OK]).serve() as fake, pytest.raises(ManifestFailed):
         summariser(fake).manifest([(1, "text")])
     assert len(fake.requests) == 1
 
 
-def test_the_job_stores_a_manifest_when_a_key_is_configured(docs):  # noqa: F811
+def test_the_dispatcher_summarises_a_succeeded_document_outside_its_cell(docs):  # noqa: F811
     with FakeOpenAI([RATE_LIMITED, OK]).serve() as fake:
-        q = docs.start(env={"OPENAI_API_KEY": "sk-test-not-a-real-key", "OPENAI_BASE_URL": fake.url})
-        job_id = docs.submit(CORPUS / "tesseract-phototest.tif")
-        [job] = wait_final(q, [job_id], timeout=300)
-    assert job.state is JobState.SUCCEEDED, job.reason
+        q = docs.start(summarise=True)
+        worker = ManifestWorker(q, summariser(fake), every_s=0.2)
+        worker.start()
+        try:
+            job_id = docs.submit(CORPUS / "tesseract-phototest.tif")
+            [job] = wait_final(q, [job_id], timeout=300)
+            assert job.state is JobState.SUCCEEDED, job.reason
+            wait_for(lambda: (q.result(job_id) or {}).get("manifest_status") == "done", timeout=60,
+                     what="the manifest")
+        finally:
+            worker.stop()
     result = q.result(job_id)
-    assert result is not None and result["manifest_status"] == "done" and result["manifest"] == MANIFEST
+    assert result is not None and result["manifest"] == MANIFEST
     assert len(fake.requests) == 2
     assert "quick brown" in fake.requests[-1]["body"]["messages"][1]["content"]
     assert fake.requests[-1]["auth"] == "Bearer sk-test-not-a-real-key"
-    # the key reached the job, never the attempt's log
     assert all("sk-test" not in (a["log_tail"] or "") for a in q.attempts(job_id))

@@ -1,8 +1,9 @@
-"""Documents in S3: stored by the dispatcher side with boto3, streamed by the job with a byte limit.
+"""Documents in S3: stored and read by the dispatcher with boto3, streamed into a sealed cell (no network, no
+credentials), and handed out as presigned URLs for runtimes that cannot stream.
 
 No S3 or MinIO server can run here, so a stand-in serves the S3 REST API on 127.0.0.1: moto's server mode,
 which answers with the request and response shapes of the Amazon S3 API reference. Everything on our side is
-the real code: boto3 in the store, boto3 in the job container (host network, so it reaches 127.0.0.1).
+the real code: boto3 in the store and the job pipeline in its container.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ def submit_s3(d: Docs, uri: str, size: int, key: str) -> int:
     return job_id
 
 
-def test_a_document_in_s3_is_fetched_by_the_job_and_ocrd(docs, s3):  # noqa: F811
+def test_a_document_in_s3_is_streamed_into_its_cell_and_ocrd(docs, s3):  # noqa: F811
     url = s3
     store = S3Store("docs", endpoint_url=url)
     uri, size, key = store.put(str(CORPUS / "tesseract-phototest.tif"))
     assert uri.startswith("s3://docs/documents/") and store.stat(uri)[0] == size
-    q = docs.start(env={**CREDS, "JOBCELL_S3_ENDPOINT": url})
+    q = docs.start(store=store)
     job_id = submit_s3(docs, uri, size, key)
     [job] = wait_final(q, [job_id], timeout=120)
     assert job.state is JobState.SUCCEEDED, job.reason
@@ -68,7 +69,7 @@ def test_missing_objects_and_oversized_documents_are_bad_input(docs, s3):  # noq
     with pytest.raises(SubmitError, match="cannot read it"):
         store.stat("s3://docs/nope.pdf")
     uri, size, key = store.put(str(CORPUS / "ocrmypdf-multipage.pdf"))  # 1.1 MB
-    q = docs.start(env={**CREDS, "JOBCELL_S3_ENDPOINT": url, "JOBCELL_MAX_INPUT_BYTES": "500000"})
+    q = docs.start(store=store, max_input_bytes=500_000)
     big = submit_s3(docs, uri, size, key)
     gone = submit_s3(docs, "s3://docs/documents/deleted.pdf", 1000, "gone")
     wait_final(q, [big, gone], timeout=120)
@@ -76,3 +77,23 @@ def test_missing_objects_and_oversized_documents_are_bad_input(docs, s3):  # noq
     assert "does not exist" in (q.get(gone).reason or "")
     for job_id in (big, gone):
         assert [a["outcome"] for a in q.attempts(job_id)] == ["bad_input"]
+
+
+def test_a_presigned_url_reads_that_one_document_and_expires(s3):
+    import time
+    import urllib.error
+    import urllib.request
+
+    store = S3Store("docs", endpoint_url=s3)
+    uri, size, _ = store.put(str(CORPUS / "tesseract-phototest.tif"))
+    other, _, _ = store.put(str(CORPUS / "ocrmypdf-linn.png"))
+    url = store.presign(uri, ttl_s=1)
+    with urllib.request.urlopen(url) as r:
+        assert len(r.read()) == size
+    # the signature covers the key: the same URL cannot be bent to another document
+    bent = url.replace(uri.rsplit("/", 1)[1], other.rsplit("/", 1)[1])
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(bent)
+    time.sleep(2)
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(url)

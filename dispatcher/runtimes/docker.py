@@ -1,21 +1,33 @@
-"""Docker runtime: one hardened, memory-capped container per attempt, through the Docker SDK."""
+"""Docker runtime: one sealed, memory-capped container per attempt, through the Docker SDK.
+
+A cell gets no environment of the dispatcher's, no network (network_mode none), no mount but two capped,
+noexec tmpfs (/tmp and /scratch), and its one document streamed into its stdin after the header line; it
+answers on stdout, which the engine keeps (json-file) so that a restarted dispatcher reads it again from the
+first byte. The SDK's high-level create() cannot set StdinOnce, so containers are created with the low-level
+API: with StdinOnce, closing our end of the attach is the cell's end of input.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO, cast
 
 import docker
 from docker.errors import APIError, NotFound
 from docker.types import LogConfig
 
+from job_image.contract import ENV_SCRATCH
+
 from ..models import Exit, Handle, LaunchSpec
-from . import job_env, last_line, peak_from_output, tail
+from ..ports import CellInput
+from . import last_line, tail
 
 log = logging.getLogger("jobcell.docker")
 
@@ -31,65 +43,117 @@ class DockerOptions:
     image: str = "jobcell-job:dev"
     pool: str = "default"
     queue_id: str = ""  # the queue's identity; with the pool, it scopes which containers are ours
-    network_mode: str = "bridge"
+    network_mode: str = "none"  # a cell needs no network: its document comes in on stdin
     user: str = "10001:10001"
     pids_limit: int = 256
     tmpfs_size: str = "64m"
+    scratch_size: str = "512m"  # tmpfs: counted against the memory cap as well, so it is doubly capped
     cpus: float | None = None
-    store_source: str | None = None  # host path or volume name, mounted read-only at /store
-    env: dict[str, str] = field(default_factory=dict)  # passed to every job (may hold secrets: never logged)
     stats_every_s: float = 2.0
+
+
+OpenDocument = Callable[[str], tuple[BinaryIO, int]]
+
+
+def _no_documents(uri: str) -> tuple[BinaryIO, int]:
+    raise LookupError(f"no document store is configured to open {uri}")
 
 
 class DockerRuntime:
     name = "docker"
 
-    def __init__(self, options: DockerOptions, client: docker.DockerClient | None = None) -> None:
+    def __init__(self, options: DockerOptions, client: docker.DockerClient | None = None,
+                 documents: OpenDocument = _no_documents) -> None:
         self.options = options
         self.client = client or docker.from_env(timeout=60)
+        self.documents = documents  # the store, read on the trusted side and streamed into the cell
         self._peaks: dict[str, int] = {}  # container id -> highest memory usage sampled
 
     # -- launch ---------------------------------------------------------------------------------------
 
     def container_config(self, spec: LaunchSpec) -> dict[str, Any]:
-        """The hardened create() arguments; public so tests and docs can show exactly what a job gets."""
+        """The sealed create() arguments (low-level API); public so tests and docs show what a cell gets."""
         o = self.options
-        cfg: dict[str, Any] = dict(
-            image=o.image,
-            name=spec.name,
-            environment={**o.env, **job_env(spec)},
-            labels={LABEL_JOB: str(spec.job_id), LABEL_ATTEMPT: str(spec.attempt), LABEL_POOL: o.pool,
-                    LABEL_TIER: spec.tier, LABEL_QUEUE: o.queue_id},
+        host: dict[str, Any] = dict(
             mem_limit=spec.memory_limit_bytes,
             memswap_limit=spec.memory_limit_bytes,  # equal: no swap, so the cap is a real cap
             pids_limit=o.pids_limit,
             read_only=True,
-            tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,size={o.tmpfs_size}"},
+            tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,size={o.tmpfs_size}",
+                   "/scratch": f"rw,noexec,nosuid,nodev,size={o.scratch_size},uid=10001,gid=10001,mode=0700"},
             cap_drop=["ALL"],
             security_opt=["no-new-privileges:true"],
-            user=o.user,
             network_mode=o.network_mode,
-            log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "1"}),
-            detach=True,
+            init=True,  # tini as pid 1: the cell's zombies are reaped, signals reach the job
+            log_config=LogConfig(type="json-file", config={"max-size": "64m", "max-file": "2"}),
         )
         if o.cpus:
-            cfg["nano_cpus"] = int(o.cpus * 1e9)
-        if o.store_source:
-            cfg["volumes"] = {o.store_source: {"bind": "/store", "mode": "ro"}}
-        return cfg
+            host["nano_cpus"] = int(o.cpus * 1e9)
+        return dict(
+            image=o.image,
+            name=self.container_name(spec),
+            user=o.user,
+            environment={ENV_SCRATCH: "/scratch"},  # nothing of the dispatcher's: no secret, no URL
+            labels={LABEL_JOB: str(spec.job_id), LABEL_ATTEMPT: str(spec.attempt), LABEL_POOL: o.pool,
+                    LABEL_TIER: spec.tier, LABEL_QUEUE: o.queue_id},
+            stdin_open=True,
+            detach=False,  # with stdin_open, what makes the SDK set StdinOnce
+            host_config=host,
+        )
 
-    def launch(self, spec: LaunchSpec) -> Handle:
+    def container_name(self, spec: LaunchSpec) -> str:
+        """The attempt's name, scoped to this queue and pool: two deployments on one engine never collide."""
+        return f"jobcell-{self.options.queue_id[:12] or 'noqueue'}-{self.options.pool}-{spec.job_id}-{spec.attempt}"
+
+    def launch(self, spec: LaunchSpec, cell: CellInput) -> Handle:
+        # opened first: a document that is gone fails the launch before any container exists
+        document = self.documents(cell.document_uri)[0] if cell.header.document_bytes else None
+        with contextlib.ExitStack() as stack:
+            if document is not None:
+                stack.enter_context(document)
+            return self._launch(spec, cell, document)
+
+    def _launch(self, spec: LaunchSpec, cell: CellInput, document: BinaryIO | None) -> Handle:
+        cfg = self.container_config(spec)
+        host = self.client.api.create_host_config(**cfg.pop("host_config"))
         try:
-            container = self.client.containers.create(**self.container_config(spec))
+            ref = str(self.client.api.create_container(host_config=host, **cfg)["Id"])
         except APIError as e:
             if e.status_code != 409:
                 raise
             # The name is the attempt: it already exists, so this attempt was launched before. Never twice.
-            container = self.client.containers.get(spec.name)
+            existing = self.client.api.inspect_container(cfg["name"])
+            if existing["Config"]["Labels"].get(LABEL_QUEUE) != self.options.queue_id:
+                raise  # a name we did not make: never take over another deployment's container
+            ref = str(existing["Id"])
             log.info("job %s attempt %s: container already exists, not launching again", spec.job_id, spec.attempt)
-        if container.status == "created":
-            container.start()
-        return Handle(self.name, container.id or spec.name, spec.job_id, spec.attempt)
+        if self.client.api.inspect_container(ref)["State"]["Status"] == "created":
+            self._start_with_input(ref, cell, document)
+        return Handle(self.name, ref, spec.job_id, spec.attempt)
+
+    def _start_with_input(self, ref: str, cell: CellInput, document: BinaryIO | None) -> None:
+        """Attach to stdin, start, stream the header and the document, then close: the cell's end of input."""
+        attached = self.client.api.attach_socket(ref, params={"stdin": 1, "stream": 1})
+        sock = cast(socket.socket, getattr(attached, "_sock", attached))
+        try:
+            self.client.api.start(ref)
+            sock.sendall(cell.header_line())
+            if document is not None:
+                writer = sock.makefile("wb")
+                shutil.copyfileobj(document, writer, 1024 * 1024)
+                writer.flush()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError) as e:  # the cell ended early (refused its header)
+            log.info("container %s stopped reading its input early (%s)", ref[:12], e)
+        finally:
+            attached.close()
+
+    def output(self, handle: Handle) -> Iterator[bytes]:
+        try:
+            yield from self.client.api.logs(handle.ref, stdout=True, stderr=False, stream=True, follow=True)
+        except NotFound:
+            return
 
     # -- watch ----------------------------------------------------------------------------------------
 
@@ -101,16 +165,13 @@ class DockerRuntime:
         state = c.attrs["State"]
         if state["Status"] in ("created", "running", "restarting", "paused"):
             return None
-        limit = int(c.attrs["HostConfig"]["Memory"] or 0)
-        stdout = c.logs(stdout=True, stderr=False, tail=200).decode(errors="replace")
+        # stderr only: stdout is the result channel (page text, often medical), never copied into logs
         stderr = c.logs(stdout=False, stderr=True, tail=200).decode(errors="replace")
         oom = bool(state.get("OOMKilled"))
-        peak = peak_from_output(stdout) or self._peaks.get(handle.ref)
-        if oom and limit:
-            peak = max(peak or 0, limit)
+        peak = self._peaks.get(handle.ref)
         self._forget(handle.ref)
         return Exit(exit_code=int(state["ExitCode"]), oom_killed=oom, peak_memory_bytes=peak,
-                    log_tail=tail(stdout + stderr), reason=last_line(stderr))
+                    log_tail=tail(stderr), reason=last_line(stderr))
 
     def _sample_forever(self) -> None:
         """Keep the highest memory usage seen per container: the fallback when a job cannot report its own

@@ -5,24 +5,48 @@ request and limit (equal, so the scheduler reserves what the cgroup enforces); t
 activeDeadlineSeconds. Outcomes come from the pod: terminated with reason OOMKilled (or 137 we did not cause)
 is oom, a Job failed with DeadlineExceeded is timeout, an evicted or vanished pod is lost.
 
+A sealed cell (issue 7): the pod holds no credential and shares no volume. Its header (no secret in it) is the
+JOBCELL_HEADER variable; its one document comes from a presigned GET URL that expires in minutes, kept out of
+the Job's manifest in a per-attempt Secret read through `secretKeyRef`. The pod carries the label
+`jobcell.io/cell: "true"`, which k8s/networkpolicy.yaml confines to DNS and the object store's HTTPS. No
+service account token is mounted. Scratch and /tmp are memory-backed emptyDirs: what the cell writes there
+counts against its memory limit, so its disk use is capped by the same number as its memory.
+
+The result channel is the pod's log, read with `follow` while the container runs. Limits of that channel:
+- Kubernetes merges a container's stdout and stderr into one log (a split needs the alpha feature gate
+  PodLogsQuerySplitStreams), so records are told from stderr by their form: only lines that start with `{"`
+  (a JSON object) are passed on; every one of them is still checked by the dispatcher as any record is.
+- The container runtime splits lines past its limit (containerd: 16 KiB) into partial entries that the kubelet
+  joins again; a stderr line written while a long record is still being drained can land inside it. The record
+  is then malformed and refused (the attempt fails and is retried), never stored half.
+- After the fact (a dispatcher restart), the log holds only the kubelet's current file (containerLogMaxSize,
+  10 MiB by default): a cell whose output outgrew it cannot be re-read from its first byte. Raise the kubelet
+  limit for large documents.
+- Lines are decoded as UTF-8 by the client; invalid bytes arrive replaced, which the record check refuses.
+
 Talks to the API with lightkube: in-cluster service account auth, else the kubeconfig.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from lightkube import ApiError, Client
 from lightkube.resources.batch_v1 import Job
-from lightkube.resources.core_v1 import Pod
+from lightkube.resources.core_v1 import Pod, Secret
 from lightkube.types import CascadeType
 
+from job_image.contract import ENV_DOCUMENT_URL, ENV_HEADER, ENV_SCRATCH
+
 from ..models import Exit, Handle, LaunchSpec
-from . import PEAK_MARKER, job_env, last_line, peak_from_output, tail
+from ..ports import CellInput
+from . import last_line, tail
 
 log = logging.getLogger("jobcell.kubernetes")
 
@@ -31,6 +55,15 @@ LABEL_ATTEMPT = "jobcell.io/attempt"
 LABEL_POOL = "jobcell.io/pool"
 LABEL_QUEUE = "jobcell.io/queue"
 LABEL_TIER = "jobcell.io/tier"
+LABEL_CELL = "jobcell.io/cell"  # selected by k8s/networkpolicy.yaml: keep the two in step
+SECRET_KEY = "url"
+
+# Waiting reasons that no retry of the kubelet will clear: the attempt is lost, the next one starts afresh.
+_STUCK = frozenset({"CreateContainerConfigError", "InvalidImageName", "ErrImageNeverPull"})
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_RECORD_PREFIX = '{"'  # a record is a JSON object; stderr shares the pod log (see the module docstring)
+
+Presign = Callable[[str, int], str]  # DocumentStore.presign: (uri, ttl_s) -> a GET URL for that one document
 
 
 @dataclass(frozen=True)
@@ -39,37 +72,93 @@ class KubernetesOptions:
     namespace: str = "jobcell"
     pool: str = "default"
     queue_id: str = ""
-    env: dict[str, str] = field(default_factory=dict)  # plain settings for every job
-    env_secret: str | None = None  # a Secret whose keys become env vars (database URL, API keys): never inline
-    store_claim: str | None = None  # a PersistentVolumeClaim holding the document store, mounted at /store
     tmpfs_size: str = "64Mi"
-    scratch_size: str = "10Gi"
+    scratch_size: str | None = None  # None: the tier's memory limit, which it counts against anyway
     ttl_after_finished_s: int = 3600
     service_account: str | None = None
     image_pull_policy: str = "IfNotPresent"
+    document_url_ttl_s: int = 900  # the presigned GET: long enough to be scheduled, short enough to be useless later
+    log_poll_s: float = 1.0  # while the container has not started, how often to look again
+
+
+def _hash8(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+def dns_label(text: str, limit: int) -> str:
+    """`text` as a DNS-1123 label fragment: lowercase alphanumerics and '-', no '-' at either end."""
+    clean = re.sub(r"[^a-z0-9-]+", "-", text.lower())[:limit]
+    return clean.strip("-")
+
+
+def label_value(text: str) -> str:
+    """`text` if it is a valid label value, else a sanitized prefix and a hash of it (same input, same value)."""
+    if len(text) <= 63 and _LABEL_VALUE.match(text):
+        return text
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:54].strip("-_.")
+    return f"{clean}-{_hash8(text)}" if clean else _hash8(text)
+
+
+def is_record_line(line: str) -> bool:
+    return line.startswith(_RECORD_PREFIX)
+
+
+def split_log(text: str) -> tuple[str, str]:
+    """A merged log as (its records, everything else): the rest holds progress and the reason, and only the rest
+    is ever copied into the attempt log (records carry page text, often medical)."""
+    records: list[str] = []
+    rest: list[str] = []
+    for line in text.splitlines():
+        (records if is_record_line(line) else rest).append(line)
+    return "\n".join(records), "\n".join(rest)
 
 
 class KubernetesRuntime:
     name = "kubernetes"
 
-    def __init__(self, options: KubernetesOptions, client: Client | None = None) -> None:
+    def __init__(self, options: KubernetesOptions, presign: Presign, client: Client | None = None) -> None:
         self.options = options
+        self.presign = presign
         self.client = client or Client(namespace=options.namespace, field_manager="jobcell")
 
-    def job_name(self, job_id: int, attempt: int) -> str:
-        return f"jobcell-{self.options.pool}-{job_id}-{attempt}"[:63].rstrip("-.").lower()
+    # -- names ----------------------------------------------------------------------------------------
 
-    def manifest(self, spec: LaunchSpec) -> dict[str, Any]:
-        """The Job for one attempt; public so that tests validate it against the Kubernetes schemas."""
+    def job_name(self, job_id: int, attempt: int) -> str:
+        """A valid DNS-1123 label (63 chars at most) for any pool, unique per (pool, queue, job, attempt):
+        the pool is sanitized and shortened, so a hash of pool and queue keeps two queues apart."""
+        suffix = f"-{_hash8(self.options.pool, self.options.queue_id)}-{job_id}-{attempt}"
+        return dns_label(f"jobcell-{self.options.pool}", 63 - len(suffix)) + suffix
+
+    @staticmethod
+    def secret_name(job_name: str) -> str:
+        return f"{job_name}-doc"
+
+    def _labels(self, job_id: int, attempt: int, tier: str) -> dict[str, str]:
         o = self.options
-        labels = {LABEL_JOB: str(spec.job_id), LABEL_ATTEMPT: str(spec.attempt), LABEL_POOL: o.pool,
-                  LABEL_QUEUE: o.queue_id, LABEL_TIER: spec.tier}
+        return {LABEL_JOB: str(job_id), LABEL_ATTEMPT: str(attempt), LABEL_POOL: label_value(o.pool),
+                LABEL_QUEUE: label_value(o.queue_id), LABEL_TIER: label_value(tier)}
+
+    # -- manifests ------------------------------------------------------------------------------------
+
+    def manifest(self, spec: LaunchSpec, cell: CellInput) -> dict[str, Any]:
+        """The Job for one attempt; public so that tests validate it against the Kubernetes schemas.
+        It holds no secret: the document URL is only ever a reference to the attempt's Secret."""
+        o = self.options
+        name = self.job_name(spec.job_id, spec.attempt)
+        labels = self._labels(spec.job_id, spec.attempt, spec.tier)
         memory = str(spec.memory_limit_bytes)
+        env: list[dict[str, Any]] = [
+            {"name": ENV_HEADER, "value": cell.header.model_dump_json()},
+            {"name": ENV_SCRATCH, "value": "/scratch"},
+        ]
+        if _has_document(cell):
+            env.append({"name": ENV_DOCUMENT_URL, "valueFrom": {"secretKeyRef": {
+                "name": self.secret_name(name), "key": SECRET_KEY, "optional": False}}})
         container: dict[str, Any] = {
             "name": "job",
             "image": o.image,
             "imagePullPolicy": o.image_pull_policy,
-            "env": [{"name": k, "value": v} for k, v in sorted({**o.env, **job_env(spec)}.items())],
+            "env": env,
             "resources": {"requests": {"memory": memory}, "limits": {"memory": memory}},
             "securityContext": {
                 "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
@@ -78,19 +167,16 @@ class KubernetesRuntime:
             },
             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "scratch", "mountPath": "/scratch"}],
         }
-        if o.env_secret:
-            container["envFrom"] = [{"secretRef": {"name": o.env_secret}}]
         volumes: list[dict[str, Any]] = [
+            # Memory-backed: pages written here count against the container's memory limit, so a cell cannot
+            # fill a node's disk; sizeLimit evicts the pod before the tmpfs reaches it.
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": o.tmpfs_size}},
-            {"name": "scratch", "emptyDir": {"sizeLimit": o.scratch_size}},  # disk: a tmpfs would eat the cap
+            {"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": o.scratch_size or memory}},
         ]
-        if o.store_claim:
-            container["volumeMounts"].append({"name": "store", "mountPath": "/store", "readOnly": True})
-            volumes.append({"name": "store", "persistentVolumeClaim": {"claimName": o.store_claim, "readOnly": True}})
         pod_spec: dict[str, Any] = {
             "restartPolicy": "Never",
-            "automountServiceAccountToken": False,  # the job never talks to the API
-            "enableServiceLinks": False,
+            "automountServiceAccountToken": False,  # the cell never talks to the API
+            "enableServiceLinks": False,  # no environment variables naming the namespace's services
             "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [container],
@@ -101,26 +187,95 @@ class KubernetesRuntime:
         return {
             "apiVersion": "batch/v1",
             "kind": "Job",
-            "metadata": {"name": self.job_name(spec.job_id, spec.attempt), "namespace": o.namespace,
-                         "labels": labels},
+            "metadata": {"name": name, "namespace": o.namespace, "labels": labels},
             "spec": {
                 "backoffLimit": 0,  # the dispatcher owns retries
                 "activeDeadlineSeconds": max(1, int(spec.timeout_s)),
                 "ttlSecondsAfterFinished": o.ttl_after_finished_s,
-                "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+                "template": {"metadata": {"labels": {**labels, LABEL_CELL: "true"}}, "spec": pod_spec},
             },
         }
 
-    def launch(self, spec: LaunchSpec) -> Handle:
+    def secret_manifest(self, spec: LaunchSpec, url: str) -> dict[str, Any]:
+        name = self.secret_name(self.job_name(spec.job_id, spec.attempt))
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": self.options.namespace,
+                         "labels": self._labels(spec.job_id, spec.attempt, spec.tier)},
+            "type": "Opaque",
+            "immutable": True,  # the kubelet need not watch it; a relaunch replaces it whole
+            "stringData": {SECRET_KEY: url},
+        }
+
+    # -- Runtime port ---------------------------------------------------------------------------------
+
+    def launch(self, spec: LaunchSpec, cell: CellInput) -> Handle:
         name = self.job_name(spec.job_id, spec.attempt)
+        if _has_document(cell):
+            # Before the Job, so that the pod never waits for it. The URL is never logged.
+            url = self.presign(cell.document_uri, self.options.document_url_ttl_s)
+            self._put_secret(spec, url)
         try:
-            job = cast(Job, Job.from_dict(self.manifest(spec)))
+            job = cast(Job, Job.from_dict(self.manifest(spec, cell)))
             self.client.create(job, namespace=self.options.namespace)
         except ApiError as e:
             if e.status.code != 409:
                 raise
             log.info("job %s attempt %s: Job %s already exists, not launching again", spec.job_id, spec.attempt, name)
         return Handle(self.name, name, spec.job_id, spec.attempt)
+
+    def _put_secret(self, spec: LaunchSpec, url: str) -> None:
+        secret = cast(Secret, Secret.from_dict(self.secret_manifest(spec, url)))
+        try:
+            self.client.create(secret, namespace=self.options.namespace)
+        except ApiError as e:
+            if e.status.code != 409:
+                raise
+            # Left by a launch cut short: its URL may have expired. Immutable, so replaced whole.
+            assert secret.metadata is not None and secret.metadata.name is not None
+            self._delete_named(Secret, secret.metadata.name)
+            self.client.create(secret, namespace=self.options.namespace)
+
+    def output(self, handle: Handle) -> Iterator[bytes]:
+        """The records the container printed, from its first line, followed until it ends. Waits for the pod
+        and its container to start as long as the Job may still start one (its own deadline bounds the wait)."""
+        ns = self.options.namespace
+        give_up: float | None = None
+        while True:
+            pod = self._pod(handle)
+            pod_name = pod.metadata.name if pod is not None and pod.metadata is not None else None
+            if pod_name is not None:
+                try:
+                    lines = self.client.log(pod_name, namespace=ns, container="job", follow=True, newlines=False)
+                    for line in lines:
+                        if is_record_line(line):
+                            yield line.encode() + b"\n"
+                except ApiError as e:
+                    if e.status.code not in (400, 404):  # 400: not started yet; 404: not there (yet, or any more)
+                        raise
+                else:
+                    self._check_ended(handle, pod_name)
+                    return
+            job = self._job(handle)
+            if job is None or (_ended(job) and (pod is None or _terminated(pod) is not None)):
+                return  # the Job ended or vanished without a container left to read
+            if give_up is None:
+                deadline = job.spec.activeDeadlineSeconds if job.spec else None
+                give_up = time.monotonic() + float(deadline or 0) + 60
+            if time.monotonic() > give_up:
+                return  # past the Job's own deadline: poll() reports what became of it
+            time.sleep(self.options.log_poll_s)
+
+    def _check_ended(self, handle: Handle, pod_name: str) -> None:
+        """A follow ends cleanly when the container does, or when the connection was cut; the pod's status may
+        trail the end of its log by a moment. A cut stream is an error: the caller reads again from the start."""
+        for _ in range(10):
+            job = self._job(handle)
+            if job is None or _ended(job) or _terminated(self._pod(handle)) is not None:
+                return
+            time.sleep(0.5)
+        raise ConnectionError(f"the log stream of pod {pod_name} ended while its container still runs")
 
     def poll(self, handle: Handle) -> Exit | None:
         try:
@@ -141,29 +296,18 @@ class KubernetesRuntime:
             if pod is not None and pod.status and pod.status.phase == "Failed":  # evicted, node lost
                 return Exit(exit_code=None, lost=True, reason=f"pod {pod.status.reason or 'failed'}: "
                                                               f"{pod.status.message or ''}".strip())
+            waiting = _waiting(pod)
+            if waiting is not None and waiting.reason in _STUCK:  # e.g. its Secret is gone: it never starts
+                return Exit(exit_code=None, lost=True, reason=f"the container cannot start: {waiting.reason}: "
+                                                              f"{waiting.message or ''}".strip())
             if failed is not None or (pod is None and status and (status.succeeded or status.failed)):
                 return Exit(exit_code=None, lost=True, reason="the Job ended without a terminated container")
             return None
-        logs, reason = self._logs(handle, pod)
+        rest, reason = self._logs(handle, pod)
+        # The kubelet's termination message (/dev/termination-log, 4 KiB at most) wins where the cell wrote one.
+        reason = last_line(terminated.message or "") or reason
         return Exit(exit_code=terminated.exitCode, oom_killed=terminated.reason == "OOMKilled",
-                    peak_memory_bytes=peak_from_output(logs), log_tail=tail(logs), reason=reason)
-
-    def _pod(self, handle: Handle) -> Pod | None:
-        selector: dict[str, Any] = {"job-name": handle.ref}
-        pods = list(self.client.list(Pod, namespace=self.options.namespace, labels=selector))
-        return pods[-1] if pods else None
-
-    def _logs(self, handle: Handle, pod: Pod | None = None) -> tuple[str, str]:
-        pod = pod or self._pod(handle)
-        if pod is None or pod.metadata is None or pod.metadata.name is None:
-            return "", ""
-        try:
-            text = "".join(self.client.log(pod.metadata.name, namespace=self.options.namespace, tail_lines=200))
-        except ApiError:
-            return "", ""
-        # pod logs interleave stdout and stderr: the reason is the last line that is not the peak report
-        lines = [ln for ln in text.splitlines() if not ln.startswith(PEAK_MARKER)]
-        return text, last_line("\n".join(lines))
+                    log_tail=rest, reason=reason)
 
     def kill(self, handle: Handle) -> None:
         self._delete(handle, grace_period=0)
@@ -171,15 +315,11 @@ class KubernetesRuntime:
     def cleanup(self, handle: Handle) -> None:
         self._delete(handle, grace_period=None)
 
-    def _delete(self, handle: Handle, grace_period: int | None) -> None:
-        with contextlib.suppress(ApiError):
-            self.client.delete(Job, handle.ref, namespace=self.options.namespace, grace_period=grace_period,
-                               cascade=CascadeType.BACKGROUND)
-
     def owned(self) -> Sequence[Handle]:
-        labels: dict[str, Any] = {LABEL_POOL: self.options.pool, LABEL_QUEUE: self.options.queue_id}
+        o = self.options
+        labels: dict[str, Any] = {LABEL_POOL: label_value(o.pool), LABEL_QUEUE: label_value(o.queue_id)}
         out = []
-        for job in self.client.list(Job, namespace=self.options.namespace, labels=labels):
+        for job in self.client.list(Job, namespace=o.namespace, labels=labels):
             meta = job.metadata
             try:
                 assert meta is not None and meta.name is not None and meta.labels is not None
@@ -191,11 +331,75 @@ class KubernetesRuntime:
     def watch(self, wake: Callable[[], None]) -> None:
         """Polled: the loop's poll interval bounds how late an exit is noticed."""
 
+    # -- helpers --------------------------------------------------------------------------------------
 
-def _terminated(pod: Pod | None) -> Any:
+    def _pod(self, handle: Handle) -> Pod | None:
+        selector: dict[str, Any] = {"job-name": handle.ref}
+        pods = list(self.client.list(Pod, namespace=self.options.namespace, labels=selector))
+        return pods[-1] if pods else None
+
+    def _job(self, handle: Handle) -> Job | None:
+        try:
+            return self.client.get(Job, handle.ref, namespace=self.options.namespace)
+        except ApiError as e:
+            if e.status.code == 404:
+                return None
+            raise
+
+    def _logs(self, handle: Handle, pod: Pod | None = None) -> tuple[str, str]:
+        """(the tail of the non-record lines, its last line: the cell's reason)."""
+        pod = pod or self._pod(handle)
+        if pod is None or pod.metadata is None or pod.metadata.name is None:
+            return "", ""
+        try:
+            text = "".join(self.client.log(pod.metadata.name, namespace=self.options.namespace, container="job",
+                                           tail_lines=200))
+        except ApiError:
+            return "", ""
+        _records, rest = split_log(text)
+        return tail(rest), last_line(rest)
+
+    def _delete(self, handle: Handle, grace_period: int | None) -> None:
+        try:
+            self.client.delete(Job, handle.ref, namespace=self.options.namespace, grace_period=grace_period,
+                               cascade=CascadeType.BACKGROUND)
+        except ApiError as e:
+            if e.status.code != 404:  # gone already is what we wanted; anything else is the caller's to see
+                raise
+        self._delete_named(Secret, self.secret_name(handle.ref))
+
+    def _delete_named(self, kind: type[Secret], name: str) -> None:
+        try:
+            self.client.delete(kind, name, namespace=self.options.namespace)
+        except ApiError as e:
+            if e.status.code != 404:
+                raise
+
+
+def _has_document(cell: CellInput) -> bool:
+    """A cell with no bytes to read (a diagnostic run, an empty file) gets no URL and no Secret."""
+    return cell.header.document_bytes > 0
+
+
+def _ended(job: Job) -> bool:
+    conditions = (job.status.conditions or []) if job.status else []
+    return any(c.type in ("Complete", "Failed") and c.status == "True" for c in conditions)
+
+
+def _container_state(pod: Pod | None) -> Any:
     if pod is None or pod.status is None:
         return None
     for cs in pod.status.containerStatuses or []:
-        if cs.name == "job" and cs.state is not None and cs.state.terminated is not None:
-            return cs.state.terminated
+        if cs.name == "job":
+            return cs.state
     return None
+
+
+def _terminated(pod: Pod | None) -> Any:
+    state = _container_state(pod)
+    return state.terminated if state is not None else None
+
+
+def _waiting(pod: Pod | None) -> Any:
+    state = _container_state(pod)
+    return state.waiting if state is not None else None

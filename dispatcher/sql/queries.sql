@@ -155,3 +155,49 @@ SELECT value FROM jobcell_meta WHERE key = 'queue_id';
 
 -- name: now
 SELECT now();
+
+-- name: done_pages
+SELECT page FROM document_pages WHERE job_id = %(job_id)s AND attempt < %(before_attempt)s ORDER BY page;
+
+-- name: put_page
+-- Accepted only while (job, attempt) is the job's running attempt; a page already stored stays as it is.
+WITH current AS (
+    SELECT id FROM jobs WHERE id = %(job_id)s AND attempt = %(attempt)s AND state = 'running'
+), stored AS (
+    INSERT INTO document_pages (job_id, page, attempt, dpi, width, height, text, words, mean_confidence,
+                                ocr_seconds)
+    SELECT id, %(page)s, %(attempt)s, %(dpi)s, %(width)s, %(height)s, %(text)s, %(words)s, %(mean_confidence)s,
+           %(ocr_seconds)s
+    FROM current
+    ON CONFLICT (job_id, page) DO NOTHING
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM current) AS current;
+
+-- name: declare_pages
+UPDATE jobs SET pages_total = %(pages)s
+WHERE id = %(job_id)s AND attempt = %(attempt)s AND state = 'running';
+
+-- name: complete
+INSERT INTO document_results (job_id, media_type, page_count) VALUES (%(job_id)s, %(media_type)s, %(page_count)s)
+ON CONFLICT (job_id) DO UPDATE SET media_type = EXCLUDED.media_type, page_count = EXCLUDED.page_count;
+
+-- name: manifest_due
+INSERT INTO document_manifests (job_id, status) VALUES (%(job_id)s, %(status)s)
+ON CONFLICT (job_id) DO NOTHING;
+
+-- name: pending_manifests
+-- Taken by pushing their next try out, in one statement: no two workers summarise the same document.
+UPDATE document_manifests SET next_try_at = now() + make_interval(secs => %(hold_s)s)
+WHERE job_id IN (SELECT job_id FROM document_manifests WHERE status = 'pending' AND next_try_at <= now()
+                 ORDER BY next_try_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING job_id, tries;
+
+-- name: page_texts
+SELECT page, text FROM document_pages WHERE job_id = %(job_id)s ORDER BY page;
+
+-- name: put_manifest
+UPDATE document_manifests
+SET status = %(status)s, model = %(model)s, manifest = %(manifest)s, error = %(error)s, tries = tries + 1,
+    next_try_at = now() + make_interval(secs => %(delay_s)s)
+WHERE job_id = %(job_id)s;

@@ -1,21 +1,25 @@
 """The optional LLM pass: a structured manifest of the document, from its OCR text, through the openai SDK.
 
-Runs only when OPENAI_API_KEY is set (OPENAI_BASE_URL and JOBCELL_LLM_MODEL optional); otherwise the step is
-recorded as skipped. Text goes in bounded chunks; with several chunks, their manifests are merged in one
-last call. 429 and 5xx answers, dropped connections and replies that break the schema are retried with
-backoff; when retries run out the job exits 75 and a retry starts again here (its pages are already stored).
+It runs on the trusted side, never in a cell: a cell parses untrusted bytes and must hold no API key and have
+no network. The dispatcher's ManifestWorker summarises each succeeded document whose manifest is pending,
+only when OPENAI_API_KEY is set (OPENAI_BASE_URL and JOBCELL_LLM_MODEL optional); otherwise the step is
+recorded as skipped. Text goes in bounded chunks; with several chunks, their manifests are merged in one last
+call. 429 and 5xx answers, dropped connections and replies that break the schema are retried with backoff;
+when retries run out the manifest stays pending and is tried again later, up to MAX_TRIES times.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from .contract import TempFail
+log = logging.getLogger("jobcell.manifest")
 
 CHUNK_CHARS = 24_000  # about 6k tokens of English: well inside every current model's context
 
@@ -64,6 +68,10 @@ def _retryable(e: BaseException) -> bool:
     return isinstance(e, openai.APIConnectionError | ValidationError | _Unparsed)
 
 
+class ManifestFailed(Exception):
+    """The LLM could not produce a manifest even after retries; tried again later."""
+
+
 class _Unparsed(Exception):
     """The model answered, but not with the schema (a refusal, or content that does not parse)."""
 
@@ -105,7 +113,7 @@ class Summariser:
                 with attempt:
                     return self._ask(system, user)
         except (openai.APIError, ValidationError, _Unparsed) as e:
-            raise TempFail(f"the LLM manifest failed after retries: {type(e).__name__}: {e}") from None
+            raise ManifestFailed(f"the LLM manifest failed after retries: {type(e).__name__}: {e}") from None
         raise AssertionError("unreachable")
 
     def manifest(self, pages: Sequence[tuple[int, str]]) -> Manifest:
@@ -118,3 +126,54 @@ class Summariser:
 
 def describe(manifest: Manifest) -> dict[str, Any]:
     return manifest.model_dump()
+
+
+MAX_TRIES = 5
+
+
+class ManifestStore(Protocol):
+    def pending_manifests(self, limit: int) -> list[tuple[int, int]]:
+        """(job id, tries so far) of succeeded documents whose manifest is due now."""
+
+    def page_texts(self, job_id: int) -> list[tuple[int, str]]: ...
+
+    def put_manifest(self, job_id: int, status: str, model: str | None, manifest: dict[str, Any] | None,
+                     error: str | None = None, retry_in_s: float = 0.0) -> None: ...
+
+
+class ManifestWorker:
+    """Summarises succeeded documents on a thread of its own: never blocks the dispatch loop."""
+
+    def __init__(self, store: ManifestStore, summariser: Summariser, every_s: float = 2.0) -> None:
+        self.store, self.summariser, self.every_s = store, summariser, every_s
+        self.stopping = threading.Event()
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self.run, name="jobcell-manifests", daemon=True)
+        t.start()
+        return t
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                for job_id, tries in self.store.pending_manifests(limit=4):
+                    self.one(job_id, tries)
+            except Exception as e:  # the database is down: the next round tries again
+                log.warning("manifest round failed (%s: %s)", type(e).__name__, e)
+            self.stopping.wait(self.every_s)
+
+    def one(self, job_id: int, tries: int) -> None:
+        try:
+            manifest = self.summariser.manifest(self.store.page_texts(job_id))
+        except ManifestFailed as e:
+            gave_up = tries + 1 >= MAX_TRIES
+            log.warning("job %s: %s%s", job_id, e, "; giving up" if gave_up else "; will retry")
+            self.store.put_manifest(job_id, "failed" if gave_up else "pending", self.summariser.model, None,
+                                    error=str(e)[:1000], retry_in_s=min(3600.0, 30.0 * 2**tries))
+            return
+        self.store.put_manifest(job_id, "done", self.summariser.model, manifest.model_dump())
+        log.info("job %s: manifest done (%s, %s LLM call(s))", job_id, manifest.document_type,
+                 self.summariser.calls)
+
+    def stop(self) -> None:
+        self.stopping.set()

@@ -1,0 +1,93 @@
+"""The cell's two ends: its input (header and document) and its result channel (JSON lines on stdout)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import BinaryIO
+
+from pydantic import BaseModel, ValidationError
+
+from .contract import (
+    ENV_DOCUMENT_URL,
+    ENV_HEADER,
+    MAX_HEADER_BYTES,
+    BadInput,
+    Done,
+    Header,
+    Peak,
+    TempFail,
+    encode,
+)
+
+_CHUNK = 1024 * 1024
+
+
+def read_header(stdin: BinaryIO) -> Header:
+    """The header from JOBCELL_HEADER if set, else the first line of stdin."""
+    raw = os.environ.get(ENV_HEADER, "").encode() or stdin.readline(MAX_HEADER_BYTES)
+    if not raw.endswith(b"\n") and ENV_HEADER not in os.environ:
+        raise TempFail("the input ended before its header did (the dispatcher's stream was cut)")
+    try:
+        return Header.model_validate_json(raw)
+    except ValidationError as e:
+        raise TempFail(f"unreadable header: {e.errors()[0]['msg']}") from None
+
+
+def receive_document(header: Header, stdin: BinaryIO, scratch: Path) -> Path:
+    """The document on scratch: exactly header.document_bytes from stdin, or from the presigned URL."""
+    if header.document_bytes > header.options.max_input_bytes:
+        raise BadInput(f"the file is {header.document_bytes / 1e6:.1f} MB, over the "
+                       f"{header.options.max_input_bytes / 1e6:g} MB limit (JOBCELL_MAX_INPUT_BYTES)")
+    suffix = Path(header.document_name).suffix.lower()[:8]
+    dest = scratch / f"document{suffix if suffix.isascii() and suffix[1:].isalnum() else ''}"
+    url = os.environ.get(ENV_DOCUMENT_URL)
+    source = _open_url(url) if url else stdin
+    written = 0
+    digest = hashlib.sha256()
+    with dest.open("wb") as f:
+        while written < header.document_bytes:
+            chunk = source.read(min(_CHUNK, header.document_bytes - written))
+            if not chunk:
+                break
+            f.write(chunk)
+            digest.update(chunk)
+            written += len(chunk)
+    if written != header.document_bytes:
+        raise TempFail(f"the document arrived incomplete: {written} of {header.document_bytes} bytes")
+    return dest
+
+
+def _open_url(url: str) -> BinaryIO:
+    try:
+        return urllib.request.urlopen(url, timeout=60)  # type: ignore[no-any-return]
+    except urllib.error.HTTPError as e:  # an expired presigned URL is 403: the next attempt gets a fresh one
+        raise TempFail(f"fetching the document failed: HTTP {e.code}") from None
+    except OSError as e:
+        raise TempFail(f"fetching the document failed: {e}") from None
+
+
+class Channel:
+    """Writes this attempt's records to the real stdout. Everything else written to fd 1 (a library's print,
+    a child process) is moved to stderr first, so that the channel carries records only."""
+
+    def __init__(self, header: Header, out: BinaryIO | None = None) -> None:
+        self.job, self.attempt = header.job_id, header.attempt
+        if out is None:
+            out = os.fdopen(os.dup(1), "wb", buffering=0)
+            os.dup2(2, 1)
+            sys.stdout = sys.stderr
+        self._out = out
+
+    def emit(self, record: BaseModel) -> None:
+        self._out.write(encode(record))
+
+    def peak(self, peak_bytes: int) -> None:
+        self.emit(Peak(job=self.job, attempt=self.attempt, bytes=peak_bytes))
+
+    def done(self) -> None:
+        self.emit(Done(job=self.job, attempt=self.attempt))
