@@ -56,8 +56,8 @@ class ChannelReader:
             raise Refused("ended in the middle of a record")
 
     def _budget(self) -> int:
-        pages = self.document.pages if self.document else 1
-        return (max(pages, 1) * self.limits.max_total_bytes_per_page) + 1024 * 1024
+        pages = self.document.pages if self.document else 0
+        return (pages + 1) * self.limits.max_total_bytes_per_page  # one page's worth for the other records
 
     def _take(self, line: bytes) -> None:
         try:

@@ -105,16 +105,27 @@ def _new_job(src: str, a: argparse.Namespace, table: SizeClassTable, store: Any)
                   max_attempts=a.max_attempts)
 
 
+def _pages(stored: int, total: int | None) -> str:
+    return f"{stored}/{total}" if total is not None else (str(stored) if stored else "-")
+
+
 def _wait(q: PostgresQueue, ids: list[int]) -> int:
     seen: dict[int, tuple[str, int]] = {}
+    shown: dict[int, tuple[int, float]] = {}  # pages last printed, and when
     while True:
         jobs = q.jobs(ids)
+        progress = q.progress([j.id for j in jobs if j.state is JobState.RUNNING])
         for j in jobs:
             now = (j.state.value, j.attempt)
             if seen.get(j.id) != now:
                 seen[j.id] = now
                 extra = f": {j.reason}" if j.reason else ""
                 print(f"job {j.id}: {j.state.value} (attempt {j.attempt}, tier {j.tier}){extra}", flush=True)
+            stored, total = progress.get(j.id, (0, None))
+            last, at = shown.get(j.id, (0, 0.0))
+            if stored > last and (time.monotonic() - at >= 5 or stored == total):  # pages as they arrive
+                shown[j.id] = (stored, time.monotonic())
+                print(f"job {j.id}: page {_pages(stored, total)} stored", flush=True)
         if all(j.state.final for j in jobs):
             failed = [j.id for j in jobs if j.state is not JobState.SUCCEEDED]
             print()
@@ -180,9 +191,10 @@ def cmd_status(s: Settings, a: argparse.Namespace) -> int:
     now = q.now()
     print()
     if running:
-        print(_table([(r["id"], r["tier"], format_bytes(r["memory_limit_bytes"]), r["attempt"], r["pool"],
-                       r["lease_owner"], _ago(r["started_at"], now)) for r in running],
-                     ["running", "tier", "limit", "attempt", "pool", "dispatcher", "for"]))
+        print(_table([(r["id"], r["tier"], format_bytes(r["memory_limit_bytes"]), r["attempt"],
+                       _pages(r["pages_stored"], r["pages_total"]), r["pool"], r["lease_owner"],
+                       _ago(r["started_at"], now)) for r in running],
+                     ["running", "tier", "limit", "attempt", "pages", "pool", "dispatcher", "for"]))
     else:
         print("no job running")
     by_pool: dict[str, int] = {}
@@ -221,6 +233,9 @@ def cmd_show(s: Settings, a: argparse.Namespace) -> int:
     print(f"document: {j.source or j.document_uri} ({format_bytes(j.document_bytes)}{stored}), workload {j.workload}")
     if j.reason:
         print(f"reason: {j.reason}")
+    done, total = q.progress([j.id]).get(j.id, (0, None))
+    if done or total is not None:
+        print(f"pages: {_pages(done, total)} stored")
     rows = [(r["attempt"], r["tier"], format_bytes(r["memory_limit_bytes"]), r["outcome"] or "running",
              r["exit_code"], format_bytes(r["peak_memory_bytes"]),
              None if r["duration_s"] is None else f"{r['duration_s']:.1f} s", r["error"] or r["kill_reason"])

@@ -305,6 +305,11 @@ class PostgresQueue:
     def summary(self, ids: Sequence[int]) -> list[Row]:
         return self._run(lambda c: self._all(c, "summary", ids=list(ids)))
 
+    def progress(self, ids: Sequence[int]) -> dict[int, tuple[int, int | None]]:
+        """Pages stored so far and the page count the cell declared (None until it has), per job."""
+        rows = self._run(lambda c: self._all(c, "progress", ids=list(ids)))
+        return {r["id"]: (r["pages_stored"], r["pages_total"]) for r in rows}
+
     def running_jobs(self) -> list[Row]:
         return self._run(lambda c: self._all(c, "running_jobs"))
 

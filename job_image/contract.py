@@ -83,7 +83,7 @@ class Limits(_Strict):
     max_record_bytes: int = 4 * 1024 * 1024
     max_text_chars: int = 200_000  # per page
     max_words: int = 50_000  # per page
-    max_total_bytes_per_page: int = 2 * 1024 * 1024  # the whole stream: this times the declared pages, + 1 MiB
+    max_total_bytes_per_page: int = 2 * 1024 * 1024  # the whole stream: this times (declared pages + 1)
 
 
 class Word(_Strict):
@@ -111,7 +111,7 @@ class DocumentInfo(_Record):
 class PageResult(_Record):
     type: Literal["page"] = "page"
     page: int = Field(ge=1)
-    dpi: int = Field(ge=1, le=10_000)
+    dpi: int = Field(ge=0, le=10_000)  # 0: an image that does not say
     width: int = Field(ge=0)
     height: int = Field(ge=0)
     text: str

@@ -55,7 +55,8 @@ def main() -> int:
         code = EXIT_SIGKILL
     except Exception as e:  # anything else: retried on the same tier up to max attempts
         traceback.print_exc()
-        print(f"unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        first = (str(e).strip().splitlines() or [""])[0]  # the last stderr line is the reason: one line
+        print(f"unexpected error: {type(e).__name__}: {first}", file=sys.stderr)
         code = EXIT_ERROR
     finally:
         peak = peak_memory_bytes()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: real documents from ../shared/corpus through memory-capped job containers, end to end:
-# a fresh Postgres, `jobcell run` as the dispatcher, `jobcell submit --wait`, and a readable result.
+# The main job: real documents from ../shared/corpus through sealed, memory-capped job containers, end to end:
+# a fresh Postgres, `jobcell run` as the dispatcher, `jobcell submit --wait`, and a readable result. Cells run
+# with no network and no credentials: each gets its document on stdin and only the dispatcher stores results.
 # Idempotent: each run starts from a fresh demo database. KEEP=1 leaves Postgres running afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,6 @@ rm -rf var/demo && mkdir -p var/demo
 export JOBCELL_DATABASE_URL="postgresql://jobcell:jobcell-demo@127.0.0.1:$port/jobcell"
 export JOBCELL_CLASSES_FILE=examples/demo-classes.toml
 export JOBCELL_STORE_DIR=var/demo/store
-export JOBCELL_NETWORK=host  # job containers store their pages in the demo Postgres on 127.0.0.1
 export JOBCELL_POOL=demo JOBCELL_DISPATCHER_ID=demo-dispatcher JOBCELL_MEMORY_BUDGET=2GiB
 export JOBCELL_BACKOFF_EXPONENT=1
 jobcell=.venv/bin/jobcell

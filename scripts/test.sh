@@ -8,6 +8,7 @@ bash scripts/setup.sh
 export TESTCONTAINERS_RYUK_DISABLED=true  # the reaper image cannot be pulled without a registry
 
 .venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache
 .venv/bin/mypy
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider "$@"

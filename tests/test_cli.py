@@ -22,7 +22,7 @@ def jobcell(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 @pytest.fixture
 def cli_env(db_url: str, tmp_path: Path, pool: str) -> dict[str, str]:
     return dict(os.environ, JOBCELL_DATABASE_URL=db_url, JOBCELL_CLASSES=classes_json(),
-                JOBCELL_STORE_DIR=str(tmp_path / "store"), JOBCELL_POOL=pool, JOBCELL_NETWORK="none")
+                JOBCELL_STORE_DIR=str(tmp_path / "store"), JOBCELL_POOL=pool)
 
 
 def test_migrate_is_idempotent(cli_env):
@@ -48,6 +48,10 @@ def test_classes_prints_the_default_table():
     ("JOBCELL_CLASSES_FILE", "/nonexistent/classes.toml", "does not exist"),
     ("JOBCELL_MEMORY_BUDGET", "150%", "JOBCELL_MEMORY_BUDGET"),
     ("JOBCELL_LEASE_TTL_S", "soon", "JOBCELL_LEASE_TTL_S"),
+    ("JOBCELL_DPI", "40", "JOBCELL_DPI"),  # refused at start, not by five failed cells
+    ("JOBCELL_OCR_LANG", "eng;rm -rf", "JOBCELL_OCR_LANG"),
+    ("JOBCELL_JOB_ENV", "OPENAI_API_KEY", "JOBCELL_JOB_ENV: cells hold no credentials"),
+    ("JOBCELL_STORE_MOUNT", "jobcell-store", "JOBCELL_STORE_MOUNT: cells no longer mount the store"),
 ])
 def test_a_bad_config_is_refused_at_start_saying_what_to_fix(var, value, says):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCELL_")}
@@ -126,10 +130,19 @@ def test_kubernetes_needs_an_explicit_memory_budget():
 
 def test_render_needs_its_api_key_and_service():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBCELL_", "RENDER_"))}
-    env.update(JOBCELL_RUNTIME="render", JOBCELL_MEMORY_BUDGET="8GiB",
+    env.update(JOBCELL_RUNTIME="render", JOBCELL_MEMORY_BUDGET="8GiB", JOBCELL_S3_BUCKET="docs",
                JOBCELL_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
     out = jobcell("run", env=env, timeout=30)
     assert out.returncode == 2 and "needs RENDER_API_KEY" in out.stderr
+
+
+@pytest.mark.parametrize("runtime", ["kubernetes", "render"])
+def test_runtimes_without_stdin_need_an_object_store(runtime):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBCELL_", "RENDER_"))}
+    env.update(JOBCELL_RUNTIME=runtime, JOBCELL_MEMORY_BUDGET="8GiB",
+               JOBCELL_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    out = jobcell("run", env=env, timeout=30)
+    assert out.returncode == 2 and "needs JOBCELL_S3_BUCKET" in out.stderr, out.stderr
 
 
 def test_status_shows_running_jobs_and_budget_use(cli_env, queue, start_dispatcher, pool):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import ast
+import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +21,6 @@ from dispatcher.classes import (
 )
 from dispatcher.errors import ConfigError
 from dispatcher.models import (
-    EXIT_BAD_INPUT,
-    EXIT_OK,
-    EXIT_TEMPFAIL,
     MIB,
     Exit,
     JobState,
@@ -29,36 +29,34 @@ from dispatcher.models import (
     Running,
 )
 from dispatcher.outcome import Backoff, classify, decide
+from job_image.contract import EXIT_BAD_INPUT, EXIT_OK, EXIT_TEMPFAIL
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = ["models", "classes", "outcome", "ports", "loop", "errors"]
-DRIVERS = {"docker", "psycopg", "boto3", "botocore", "kubernetes", "lightkube", "httpx", "requests", "subprocess"}
 
 
-@pytest.mark.parametrize("module", CORE)
-def test_core_modules_import_no_driver_or_runtime(module):
-    tree = ast.parse((ROOT / "dispatcher" / f"{module}.py").read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level == 0 and node.module:
-                imported.add(node.module.split(".")[0])
-            elif node.module and node.module.split(".")[0] in {"runtimes", "queue", "store", "wiring", "cli"}:
-                imported.add("." + node.module)
-    assert not imported & DRIVERS, f"{module} imports {imported & DRIVERS}"
-    assert not {m for m in imported if m.startswith(".")}, f"{module} imports an adapter: {imported}"
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, check=False)
 
 
-def test_job_image_and_dispatcher_agree_on_the_contract():
-    from dispatcher import models
-    from dispatcher.runtimes import PEAK_MARKER
-    from job_image import contract
+def test_the_import_contracts_hold():
+    out = lint_imports(ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
 
-    assert (contract.EXIT_OK, contract.EXIT_BAD_INPUT, contract.EXIT_TEMPFAIL) == (
-        models.EXIT_OK, models.EXIT_BAD_INPUT, models.EXIT_TEMPFAIL)
-    assert contract.PEAK_MARKER == PEAK_MARKER
+
+@pytest.mark.parametrize("module, wrong", [
+    ("dispatcher/loop.py", "from . import queue"),
+    ("dispatcher/runtimes/docker.py", "from . import process"),
+    ("job_image/pipeline.py", "import dispatcher.loop"),
+])
+def test_a_wrong_import_breaks_a_contract(tmp_path, module, wrong):
+    for part in ("dispatcher", "job_image", "pyproject.toml"):
+        src = ROOT / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / part)
+    target = tmp_path / module
+    target.write_text(target.read_text() + f"\n{wrong}  # deliberately wrong\n")
+    out = lint_imports(tmp_path)
+    assert out.returncode != 0 and "BROKEN" in out.stdout, out.stdout
 
 
 def test_default_table_matches_the_design():

@@ -52,7 +52,7 @@ def start_events(docker_client, pool) -> Iterator[StartEvents]:
 
 def dispatcher_process(db_url: str, pool: str, tmp_path: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, JOBCELL_DATABASE_URL=db_url, JOBCELL_CLASSES=classes_json(), JOBCELL_POOL=pool,
-               JOBCELL_NETWORK="none", JOBCELL_LEASE_TTL_S="3", JOBCELL_POLL_INTERVAL_S="0.2",
+               JOBCELL_LEASE_TTL_S="3", JOBCELL_POLL_INTERVAL_S="0.2",
                JOBCELL_MEMORY_BUDGET="4GiB", JOBCELL_STORE_DIR=str(tmp_path / "store"),
                JOBCELL_DISPATCHER_ID=name, JOBCELL_BACKOFF_EXPONENT="0")
     log = (tmp_path / f"{name}.log").open("wb")

@@ -22,10 +22,13 @@ def test_job_containers_are_hardened(queue, start_dispatcher, docker_client: doc
     assert host["Privileged"] is False
     mounts = [m.get("Source", "") for m in c.attrs["Mounts"]] + list(host.get("Binds") or [])
     assert not any("docker.sock" in m for m in mounts)
-    # from inside: not root, no capabilities, nothing writable but the capped tmpfs and the scratch volume
+    assert host["NetworkMode"] == "none" and host["Init"] is True
+    assert c.attrs["Mounts"] == []  # no store, no volume: scratch is a capped tmpfs
+    # from inside: not root, no capabilities, nothing writable but the two capped, noexec tmpfs
     assert c.exec_run("id -u").output.decode().strip() != "0"
     status = c.exec_run(["sh", "-c", "grep CapEff /proc/self/status"]).output.decode()
     assert status.split()[-1] == "0000000000000000"
     assert c.exec_run(["touch", "/etc/jobcell-probe"]).exit_code != 0
     assert c.exec_run(["touch", "/tmp/ok"]).exit_code == 0
+    assert c.exec_run(["touch", "/scratch/ok"]).exit_code == 0
     assert c.exec_run(["test", "-e", "/var/run/docker.sock"]).exit_code != 0

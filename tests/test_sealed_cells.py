@@ -6,6 +6,7 @@ shows no secret. The attacks live in the job image's `probe` workload (job_image
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import uuid
@@ -155,10 +156,10 @@ def test_a_process_cell_reaches_nothing(queue, start_dispatcher, docker_client, 
 @pytest.mark.parametrize("mode, reason", [
     ("other_job", "emitted a record for job"),
     ("too_many_pages", "emitted page 2 of a document it declared to have 1"),
-    ("huge_words", "emitted more than 3 MiB of results"),  # one page declared: 2 MiB for it, 1 MiB spare
+    ("huge_words", "emitted (more than 4 MiB of results|a record larger than 4 MiB)"),
     ("malformed", "not a result record"),
     ("forge_state", "not a result record"),
-    ("forge_done", "claimed to be done with 2 page(s) never emitted"),
+    ("forge_done", r"claimed to be done with 2 page\(s\) never emitted"),
 ])
 def test_a_cell_that_breaks_the_result_contract_is_refused_once(queue, start_dispatcher, db_url, mode, reason):
     victim = diag(queue)  # another job with a stored page, which the hostile cell tries to overwrite
@@ -169,8 +170,8 @@ def test_a_cell_that_breaks_the_result_contract_is_refused_once(queue, start_dis
     job = probe(queue, mode=mode, target_job=victim)
     start_dispatcher()
     [j] = wait_final(queue, [job])
-    assert j.state.value == "failed" and reason in (j.reason or ""), j.reason
-    assert j.reason.startswith("refused the cell's results")
+    assert j.state.value == "failed" and re.search(reason, j.reason or ""), j.reason
+    assert (j.reason or "").startswith("refused the cell's results")
     assert [a["outcome"] for a in queue.attempts(job)] == ["bad_input"]  # never retried
     assert sql(db_url, "SELECT * FROM document_pages WHERE job_id = %s", victim) == before
     assert queue.get(victim).state.value == "succeeded"

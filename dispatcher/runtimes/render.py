@@ -247,11 +247,17 @@ class RenderRuntime:
         """Log entries of one job in [start, end], following Render's time-based pagination."""
         params: dict[str, Any] = {"ownerId": self.owner_id(), "resource": [job_id], "direction": direction,
                                   "limit": limit, "startTime": start, "endTime": end or _ts(datetime.now(UTC))}
+        seen: set[str] = set()
         while True:
             page = self._api("GET", "/logs", params=params) or {}
-            yield from page.get("logs") or []
+            entries = page.get("logs") or []
+            fresh = [e for e in entries if str(e.get("id")) not in seen]
+            seen.update(str(e.get("id")) for e in entries)
+            yield from fresh
             if not page.get("hasMore") or pages == 1:
                 return
+            if not fresh:  # more lines share one timestamp than a page holds: the next page would be this one
+                raise RenderError(f"Render's logs of job {job_id} do not advance past {params['startTime']}")
             pages = None if pages is None else pages - 1
             params.update(startTime=page["nextStartTime"], endTime=page["nextEndTime"])
 

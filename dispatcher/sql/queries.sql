@@ -125,7 +125,8 @@ SELECT * FROM job_attempts WHERE job_id = %(job_id)s ORDER BY attempt;
 SELECT state, size_class, count(*) AS n FROM jobs GROUP BY state, size_class ORDER BY state, size_class;
 
 -- name: running_jobs
-SELECT j.id, j.tier, j.memory_limit_bytes, j.pool, j.lease_owner, j.attempt, a.started_at, j.document_uri
+SELECT j.id, j.tier, j.memory_limit_bytes, j.pool, j.lease_owner, j.attempt, a.started_at, j.document_uri,
+       j.pages_total, (SELECT count(*) FROM document_pages p WHERE p.job_id = j.id) AS pages_stored
 FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.attempt = j.attempt
 WHERE j.state = 'running' ORDER BY j.id;
 
@@ -201,3 +202,7 @@ UPDATE document_manifests
 SET status = %(status)s, model = %(model)s, manifest = %(manifest)s, error = %(error)s, tries = tries + 1,
     next_try_at = now() + make_interval(secs => %(delay_s)s)
 WHERE job_id = %(job_id)s;
+
+-- name: progress
+SELECT j.id, j.pages_total, (SELECT count(*) FROM document_pages p WHERE p.job_id = j.id) AS pages_stored
+FROM jobs j WHERE j.id = ANY(%(ids)s);
