@@ -204,16 +204,38 @@ class Dispatcher:
                 self.stopping.wait(delay)
 
     def watch_units(self) -> None:
+        """Poll every unit; each unit's error is its own, unless all fail (then the engine is down: back off)."""
         now = self.clock()
         live = [w for w in self.watched.values() if w.handle is not None]
-        polled = list(self._pool.map(lambda w: (w, self.runtime.poll(w.handle)), live))
-        ended = [(w, e) for w, e in polled if e is not None]
-        list(self._pool.map(lambda we: self._finish(*we), ended))
-        for w, e in polled:
-            if e is None and w.killing is None and now - w.started > w.spec.timeout_s:
+        polled = list(self._pool.map(self._poll, live))
+        failed = [err for _, _, err in polled if err is not None]
+        ended = [(w, e) for w, e, _ in polled if e is not None]
+        failed += [err for err in self._pool.map(self._finish_safely, ended) if err is not None]
+        if failed and len(failed) >= len(live):
+            raise failed[0]
+        for w, e, err in polled:
+            if err is None and e is None and w.killing is None and now - w.started > w.spec.timeout_s:
                 log.warning("job %s attempt %s: past the %s deadline (%.0f s); killing", *w.key, w.spec.tier,
                             w.spec.timeout_s)
                 self._kill(w, KillReason.DEADLINE)
+
+    def _poll(self, w: Watched) -> tuple[Watched, Exit | None, Exception | None]:
+        assert w.handle is not None
+        try:
+            return w, self.runtime.poll(w.handle), None
+        except Exception as e:
+            log.warning("job %s attempt %s: poll failed (%s: %s); trying again next tick", *w.key,
+                        type(e).__name__, e)
+            return w, None, e
+
+    def _finish_safely(self, we: tuple[Watched, Exit]) -> Exception | None:
+        try:
+            self._finish(*we)
+        except Exception as e:
+            log.warning("job %s attempt %s: recording its end failed (%s: %s); trying again next tick",
+                        *we[0].key, type(e).__name__, e)
+            return e
+        return None
 
     def heartbeat(self) -> None:
         keys = {w.spec.job_id: w for w in self.watched.values()}

@@ -5,14 +5,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from job_image.contract import EXIT_BAD_INPUT, EXIT_OK, EXIT_SIGKILL
+from job_image.contract import EXIT_BAD_INPUT, EXIT_NO_MEMORY, EXIT_OK, EXIT_SIGKILL
 
 from .classes import SizeClassTable
 from .models import Exit, JobState, KillReason, Outcome
 
 
 def classify(exit: Exit, killed_by: KillReason | None) -> Outcome:
-    """The exit-code contract. A kill we caused is never an OOM; an unexplained SIGKILL is."""
+    """The exit-code contract. A SIGKILL is oom only on the runtime's own OOM signal; one nobody can explain
+    (an engine restart, a node drain, a human's kill) is lost, retried on the same tier."""
     if killed_by is KillReason.CANCEL:
         return Outcome.CANCELLED
     if killed_by is KillReason.REFUSED:  # its output broke the contract: the same document would again
@@ -27,8 +28,10 @@ def classify(exit: Exit, killed_by: KillReason | None) -> Outcome:
         return Outcome.SUCCEEDED
     if exit.exit_code == EXIT_BAD_INPUT:
         return Outcome.BAD_INPUT
-    if exit.exit_code == EXIT_SIGKILL and killed_by is None:
+    if exit.exit_code == EXIT_NO_MEMORY:
         return Outcome.OOM
+    if exit.exit_code == EXIT_SIGKILL and killed_by is None:
+        return Outcome.LOST
     return Outcome.ERROR
 
 
@@ -83,7 +86,8 @@ def decide(outcome: Outcome, *, tier: str, attempt: int, max_attempts: int, tabl
         return Decision(JobState.QUEUED, bigger.name, 0.0,
                         reason=f"OOM-killed at {limit.memory_mib} MiB; retrying on {bigger.name!r}")
     # error, lost: transient until proven otherwise
-    what = exit_reason or ("the job's unit vanished" if outcome is Outcome.LOST else "the job failed")
+    what = exit_reason or ("the job's unit vanished or was killed from outside (not by its memory cap)"
+                           if outcome is Outcome.LOST else "the job failed")
     if attempt >= max_attempts:
         return Decision(JobState.FAILED, tier, reason=f"{what} ({outcome.value}); gave up after {attempt} attempts")
     return Decision(JobState.QUEUED, tier, backoff.delay(attempt, rand), reason=f"{what} ({outcome.value}); will retry")

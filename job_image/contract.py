@@ -19,12 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 VERSION = 1
 
-# Exit codes (sysexits where one fits). 137 is 128 + SIGKILL: the cgroup's OOM kill, or the job's own
-# MemoryError reported the same way; the dispatcher trusts only the runtime's OOM signal to call it oom.
+# Exit codes (sysexits where one fits). A SIGKILL (137) is oom only when the runtime's own OOM signal says so
+# (Docker's OOMKilled, the cgroup's oom_kill count, Kubernetes' OOMKilled reason): an engine restart or a
+# human's `docker kill` is not the document's fault. A cell that ran out of memory and lived to say so
+# (MemoryError, a child killed or aborted for memory) exits EXIT_NO_MEMORY: retried on the next tier.
 EXIT_OK = 0
 EXIT_ERROR = 1  # unexpected: retried on the same tier
 EXIT_BAD_INPUT = 65  # EX_DATAERR: permanent, never retried; the last stderr line is the reason
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: retried on the same tier
+EXIT_NO_MEMORY = 86  # the cell's own report of running out of memory
 EXIT_SIGKILL = 137
 
 ENV_HEADER = "JOBCELL_HEADER"

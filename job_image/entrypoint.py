@@ -14,7 +14,7 @@ from .contract import (
     ENV_SCRATCH,
     EXIT_BAD_INPUT,
     EXIT_ERROR,
-    EXIT_SIGKILL,
+    EXIT_NO_MEMORY,
     EXIT_TEMPFAIL,
     BadInput,
     Header,
@@ -50,9 +50,8 @@ def main() -> int:
         print(f"temporary failure: {e}", file=sys.stderr)
         code = EXIT_TEMPFAIL
     except MemoryError as e:
-        # Reported like the cgroup's kill, when we live to report it; the dispatcher decides what it was.
         print(f"out of memory: {e}" if str(e) else "out of memory", file=sys.stderr)
-        code = EXIT_SIGKILL
+        code = EXIT_NO_MEMORY
     except Exception as e:  # anything else: retried on the same tier up to max attempts
         traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0]  # the last stderr line is the reason: one line

@@ -29,6 +29,8 @@ def ocr(image: Image.Image, lang: str = "eng", timeout_s: float = 300, dpi: int 
     except pytesseract.TesseractError as e:
         if e.status in (-9, 137):  # SIGKILLed: in a capped container, the memory cgroup's doing
             raise MemoryError(f"tesseract was killed on a {image.width}x{image.height} page") from e
+        if e.status in (-6, 134) and "malloc" in str(e.message):  # an allocation failed under RLIMIT
+            raise MemoryError(f"tesseract ran out of memory on a {image.width}x{image.height} page") from e
         if "Failed loading language" in str(e.message):
             raise BadInput(f"OCR language {lang!r} is not installed in the job image") from None
         raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,26 +28,28 @@ def render(doc: Document, page: Page, scratch: Path) -> Image.Image:
 
 
 def _pdf_page(path: Path, page: Page, scratch: Path) -> Image.Image:
-    from pdf2image import convert_from_path
-    from pdf2image.exceptions import PDFPopplerTimeoutError
-
-    # to a file on scratch disk, not a pipe: pdftoppm's output then never sits in our memory twice
+    """pdftoppm for this one page, to a file on scratch (its output never sits in our memory twice). Run
+    directly rather than through pdf2image: how it ended tells a memory kill from a page that cannot render."""
+    out = scratch / f"p{page.number}"
     try:
-        rendered = convert_from_path(str(path), dpi=page.dpi, first_page=page.number, last_page=page.number,
-                                     grayscale=True, fmt="ppm", output_folder=str(scratch), paths_only=True,
-                                     output_file=f"p{page.number}", timeout=600)
-    except PDFPopplerTimeoutError:
+        done = subprocess.run(["pdftoppm", "-r", str(page.dpi), "-f", str(page.number), "-l", str(page.number),
+                               "-gray", "-singlefile", str(path), str(out)], capture_output=True, timeout=600,
+                              check=False)
+    except subprocess.TimeoutExpired:
         raise TempFail(f"rendering page {page.number} took longer than 600 s") from None
-    if not rendered:
-        raise BadInput(f"page {page.number} of the PDF cannot be rendered")
-    path_or_image = rendered[0]
-    out = str(path_or_image)  # paths_only=True: a path, whatever the stubs say
+    if done.returncode in (-signal.SIGKILL, -signal.SIGABRT, -signal.SIGSEGV):
+        # killed by the memory cgroup, or a native allocation that failed: never the document's fault
+        raise MemoryError(f"pdftoppm died by signal {-done.returncode} on page {page.number}")
+    rendered = out.with_suffix(".pgm")
+    if done.returncode != 0 or not rendered.exists():
+        detail = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1][:200]
+        raise BadInput(f"page {page.number} of the PDF cannot be rendered" + (f": {detail}" if detail else ""))
     try:
-        with Image.open(out) as im:
+        with Image.open(rendered) as im:
             im.load()
             return im.convert("L") if im.mode != "L" else im.copy()
     finally:
-        Path(out).unlink(missing_ok=True)
+        rendered.unlink(missing_ok=True)
 
 
 def pending(doc: Document, done: set[int]) -> Iterator[Page]:

@@ -36,13 +36,22 @@ else
   # A dockerd that is still starting must not get a twin fighting over its pidfile.
   if ! pgrep -x dockerd >/dev/null; then
     [[ $(id -u) -eq 0 ]] || die "dockerd is not running and only root can start it: start Docker (e.g. 'sudo systemctl start docker')"
-    log "starting dockerd (log: /tmp/jobcell-dockerd.log)"
+    log "starting dockerd with live-restore (log: /tmp/jobcell-dockerd.log)"
+    # live-restore: running job containers survive an engine restart, and the dispatcher re-attaches.
+    # (a flag the daemon.json also sets is refused by dockerd, so only when it does not)
+    flags=()
+    grep -qs '"live-restore"' /etc/docker/daemon.json || flags+=(--live-restore)
     # setsid+nohup: the daemon must outlive this script and the CI step's process group.
-    setsid nohup dockerd >/tmp/jobcell-dockerd.log 2>&1 </dev/null &
+    setsid nohup dockerd "${flags[@]}" >/tmp/jobcell-dockerd.log 2>&1 </dev/null &
   fi
   for _ in $(seq 60); do docker_ok && break; sleep 1; done
   docker_ok || die "dockerd did not become ready within 60 s; see /tmp/jobcell-dockerd.log"
   log "docker engine: ready"
+fi
+
+if [[ $(docker info -f '{{.LiveRestoreEnabled}}' 2>/dev/null) != true ]]; then
+  log "WARNING: this Docker engine runs without live-restore: an engine restart kills running jobs (they are"
+  log "  retried as lost). Enable it: {\"live-restore\": true} in /etc/docker/daemon.json, then reload dockerd."
 fi
 
 # compose runs compose.yaml (and its test); a failed install is reported here and fails that test later.

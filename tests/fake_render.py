@@ -127,8 +127,9 @@ class FakeRender:
         for job_id in self.jobs:
             if job_id not in resources:
                 continue
-            for n, (t, line) in enumerate(self._lines(job_id)):
-                if t + INGEST_S <= now and start <= t <= end:
+            for n, (written, line) in enumerate(self._lines(job_id)):
+                t = _when(str(_ts(written)))  # at the precision of the timestamps handed out (microseconds)
+                if written + INGEST_S <= now and start <= t <= end:
                     entries.append({"id": f"{job_id}-{n:06d}", "timestamp": _ts(t), "message": line, "labels": [
                         {"name": "resource", "value": job_id}, {"name": "instance", "value": f"{job_id}-i"},
                         {"name": "level", "value": "info"}, {"name": "type", "value": "app"}]})

@@ -138,7 +138,8 @@ def test_parse_bytes():
     (Exit(EXIT_BAD_INPUT), None, Outcome.BAD_INPUT),
     (Exit(EXIT_TEMPFAIL), None, Outcome.ERROR),
     (Exit(137, oom_killed=True), None, Outcome.OOM),
-    (Exit(137), None, Outcome.OOM),  # a SIGKILL we did not send: the memory cgroup's
+    (Exit(137), None, Outcome.LOST),  # a SIGKILL no OOM signal explains: an engine restart, a human's kill
+    (Exit(86), None, Outcome.OOM),  # the cell ran out of memory and lived to say so
     (Exit(137), KillReason.DEADLINE, Outcome.TIMEOUT),
     (Exit(137), KillReason.CANCEL, Outcome.CANCELLED),
     (Exit(137, oom_killed=True), KillReason.CANCEL, Outcome.CANCELLED),

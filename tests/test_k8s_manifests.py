@@ -227,9 +227,14 @@ def test_the_presigned_url_lives_only_in_the_attempts_secret(k8s: tuple[FakeKube
     [job] = fake.created
     assert url not in json.dumps(job) and "X-Amz-Signature" not in json.dumps(job)
     secret_name = rt.secret_name(h.ref)
-    assert [s["metadata"]["name"] for s in fake.secrets_created] == [secret_name, secret_name]  # replaced, not kept
+    assert [s["metadata"]["name"] for s in fake.secrets_created] == [secret_name], "a running Job's is left alone"
     assert fake.secrets_created[0]["stringData"] == {"url": url}
-    assert fake.calls[:2] == [("POST", "secrets", secret_name), ("POST", "jobs", h.ref)], "the Secret comes first"
+    assert fake.calls == [("POST", "secrets", secret_name), ("POST", "jobs", h.ref)], "the Secret comes first"
+    # A launch cut short after its Secret: the next one replaces the Secret (its URL may have expired).
+    rt.client.delete(Job, h.ref)
+    assert rt.launch(spec, cell) == h
+    assert fake.calls[3:] == [("POST", "secrets", secret_name), ("DELETE", "secrets", secret_name),
+                              ("POST", "secrets", secret_name), ("POST", "jobs", h.ref)]
     rt.cleanup(h)
     assert fake.jobs == {} and fake.secrets == {}, "cleanup removes the Job and its Secret"
     rt.cleanup(h)  # idempotent: both already gone

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, BinaryIO, cast
 
 import docker
@@ -50,6 +52,7 @@ class DockerOptions:
     scratch_size: str = "512m"  # tmpfs: counted against the memory cap as well, so it is doubly capped
     cpus: float | None = None
     stats_every_s: float = 2.0
+    start_grace_s: float = 60.0  # a container still 'created' after this lost its launcher
 
 
 OpenDocument = Callable[[str], tuple[BinaryIO, int]]
@@ -163,7 +166,14 @@ class DockerRuntime:
         except NotFound:
             return Exit(exit_code=None, lost=True, reason="the container vanished")
         state = c.attrs["State"]
-        if state["Status"] in ("created", "running", "restarting", "paused"):
+        if state["Status"] == "created":
+            # Only its launcher starts a cell (it alone streams the input): one still unstarted after the
+            # grace period lost its launcher (a dispatcher killed between create and start).
+            if _age_s(c.attrs["Created"]) < self.options.start_grace_s:
+                return None
+            return Exit(exit_code=None, lost=True, reason="created but never started: its dispatcher died while "
+                                                          "launching it")
+        if state["Status"] in ("running", "restarting", "paused"):
             return None
         # stderr only: stdout is the result channel (page text, often medical), never copied into logs
         stderr = c.logs(stdout=False, stderr=True, tail=200).decode(errors="replace")
@@ -193,16 +203,23 @@ class DockerRuntime:
 
     def kill(self, handle: Handle) -> None:
         try:
-            self.client.containers.get(handle.ref).kill()
+            self.client.api.kill(handle.ref)
         except NotFound:
             pass
         except APIError as e:
-            if e.status_code != 409:  # 409: not running any more
+            if e.status_code != 409:  # 409: not running: ended, or created and never started
                 raise
+            if self.client.api.inspect_container(handle.ref)["State"]["Status"] == "created":
+                self.cleanup(handle)  # never started, so nothing to read: gone, and read as lost
 
     def cleanup(self, handle: Handle) -> None:
-        with contextlib.suppress(NotFound):
-            self.client.containers.get(handle.ref).remove(force=True, v=True)  # v: its scratch volume too
+        try:
+            self.client.api.remove_container(handle.ref, force=True, v=True)
+        except NotFound:
+            pass
+        except APIError as e:
+            if e.status_code != 409:  # 409: a removal already in progress (another dispatcher's cleanup)
+                raise
         self._forget(handle.ref)
 
     def owned(self) -> Sequence[Handle]:
@@ -231,3 +248,9 @@ class DockerRuntime:
             except Exception as e:  # the engine went away; the loop keeps polling meanwhile
                 log.warning("docker event stream lost (%s); reconnecting", e)
             time.sleep(2.0)
+
+
+def _age_s(created: str) -> float:
+    """Seconds since an engine timestamp (RFC 3339 with nanoseconds, which fromisoformat cannot take)."""
+    stamp = re.sub(r"(\.\d{6})\d*", r"\1", created).replace("Z", "+00:00")
+    return time.time() - datetime.fromisoformat(stamp).timestamp()

@@ -10,7 +10,12 @@ JOBCELL_HEADER variable; its one document comes from a presigned GET URL that ex
 the Job's manifest in a per-attempt Secret read through `secretKeyRef`. The pod carries the label
 `jobcell.io/cell: "true"`, which k8s/networkpolicy.yaml confines to DNS and the object store's HTTPS. No
 service account token is mounted. Scratch and /tmp are memory-backed emptyDirs: what the cell writes there
-counts against its memory limit, so its disk use is capped by the same number as its memory.
+counts against its memory limit, so its disk use is capped by the same number as its memory (Kubernetes has
+no noexec for emptyDir; the root filesystem is read-only).
+
+The Secret is created before the Job and deleted with it (kill, cleanup). It has no ownerReference (that would
+need `patch` on secrets); one whose Job was removed by its TTL while no dispatcher ran is left behind holding
+only an expired URL to one document.
 
 The result channel is the pod's log, read with `follow` while the container runs. Limits of that channel:
 - Kubernetes merges a container's stdout and stderr into one log (a split needs the alpha feature gate
@@ -212,6 +217,10 @@ class KubernetesRuntime:
 
     def launch(self, spec: LaunchSpec, cell: CellInput) -> Handle:
         name = self.job_name(spec.job_id, spec.attempt)
+        handle = Handle(self.name, name, spec.job_id, spec.attempt)
+        if self._job(handle) is not None:  # launched before: its pod may still need the Secret as it is
+            log.info("job %s attempt %s: Job %s already exists, not launching again", spec.job_id, spec.attempt, name)
+            return handle
         if _has_document(cell):
             # Before the Job, so that the pod never waits for it. The URL is never logged.
             url = self.presign(cell.document_uri, self.options.document_url_ttl_s)
@@ -223,7 +232,7 @@ class KubernetesRuntime:
             if e.status.code != 409:
                 raise
             log.info("job %s attempt %s: Job %s already exists, not launching again", spec.job_id, spec.attempt, name)
-        return Handle(self.name, name, spec.job_id, spec.attempt)
+        return handle
 
     def _put_secret(self, spec: LaunchSpec, url: str) -> None:
         secret = cast(Secret, Secret.from_dict(self.secret_manifest(spec, url)))

@@ -1,0 +1,98 @@
+"""Faults the audits found (issues 8 and 14), each against a real engine and Postgres: a cell created but never
+started, names shared by two deployments on one engine, and a SIGKILL that no OOM signal explains."""
+
+from __future__ import annotations
+
+import docker
+import pytest
+from docker.errors import APIError
+
+from dispatcher.models import JobState
+from dispatcher.ports import CellInput
+from dispatcher.queue import PostgresQueue
+from dispatcher.runtimes.docker import DockerOptions, DockerRuntime
+from job_image.contract import Header
+
+from .conftest import diag, pool_containers, sql, wait_final, wait_for
+
+
+def outcomes(queue: PostgresQueue, job_id: int) -> list[tuple[str, str]]:
+    return [(a["tier"], a["outcome"]) for a in queue.attempts(job_id)]
+
+
+def test_a_cell_created_but_never_started_is_lost_and_retried(queue, start_dispatcher, docker_client, pool,
+                                                               db_url, job_image):
+    """A dispatcher killed between create and start: the next one must not wait on it forever."""
+    job = diag(queue)
+    [claimed] = queue.claim("dead-dispatcher", pool, 4 * 1024**3, 1)
+    rt = DockerRuntime(DockerOptions(image=job_image, pool=pool, queue_id=queue.queue_id(), start_grace_s=1),
+                       client=docker_client)
+    cfg = rt.container_config(claimed.spec)
+    docker_client.api.create_container(host_config=docker_client.api.create_host_config(**cfg.pop("host_config")),
+                                       **cfg)  # created, never started: the launcher "died" here
+    sql(db_url, "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", job)
+    start_dispatcher(rt=rt)
+    [j] = wait_final(queue, [job], timeout=60)
+    assert j.state is JobState.SUCCEEDED, j.reason
+    attempts = queue.attempts(job)
+    assert [a["outcome"] for a in attempts] == ["lost", "succeeded"]
+    assert "never started" in attempts[0]["error"]
+    assert pool_containers(docker_client, pool) == []
+
+
+def test_cancel_of_a_cell_that_never_started_takes_effect(queue, start_dispatcher, docker_client, pool, db_url,
+                                                         job_image):
+    job = diag(queue)
+    [claimed] = queue.claim("dead-dispatcher", pool, 4 * 1024**3, 1)
+    rt = DockerRuntime(DockerOptions(image=job_image, pool=pool, queue_id=queue.queue_id(), start_grace_s=3600),
+                       client=docker_client)
+    cfg = rt.container_config(claimed.spec)
+    docker_client.api.create_container(host_config=docker_client.api.create_host_config(**cfg.pop("host_config")),
+                                       **cfg)
+    sql(db_url, "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", job)
+    start_dispatcher(rt=rt)
+    wait_for(lambda: queue.get(job).lease_owner not in (None, "dead-dispatcher"), what="adoption")
+    queue.cancel(job)
+    [j] = wait_final(queue, [job], timeout=30)
+    assert j.state is JobState.CANCELLED
+    assert pool_containers(docker_client, pool) == []
+
+
+def test_two_deployments_on_one_engine_never_share_a_container(queue, docker_client, pool, job_image):
+    """Job 1 attempt 1 exists in both queues: each gets its own container, and neither takes the other's."""
+    mine = DockerRuntime(DockerOptions(image=job_image, pool=pool, queue_id=queue.queue_id()), client=docker_client)
+    theirs = DockerRuntime(DockerOptions(image=job_image, pool=pool, queue_id="another-queue-0000"),
+                           client=docker_client)
+    job = diag(queue, sleep_s=30)
+    [claimed] = queue.claim("me", pool, 4 * 1024**3, 1)
+    header = Header(job_id=job, attempt=1, tier="small", memory_limit_bytes=claimed.spec.memory_limit_bytes,
+                    workload="diag", params={"sleep_s": 30})
+    a = mine.launch(claimed.spec, CellInput(header, "diag:"))
+    b = theirs.launch(claimed.spec, CellInput(header, "diag:"))
+    assert a.ref != b.ref and mine.container_name(claimed.spec) != theirs.container_name(claimed.spec)
+    assert [h.ref for h in mine.owned()] == [a.ref] and [h.ref for h in theirs.owned()] == [b.ref]
+    # a container under our attempt's name that another queue made is refused, never taken over
+    docker_client.api.remove_container(a.ref, force=True)
+    impostor = theirs.container_config(claimed.spec)
+    impostor["name"] = mine.container_name(claimed.spec)
+    docker_client.api.create_container(
+        host_config=docker_client.api.create_host_config(**impostor.pop("host_config")), **impostor)
+    with pytest.raises(APIError):
+        mine.launch(claimed.spec, CellInput(header, "diag:"))
+
+
+def test_a_sigkill_from_outside_is_lost_not_oom_and_retried_on_the_same_tier(queue, start_dispatcher,
+                                                                             docker_client: docker.DockerClient,
+                                                                             pool):
+    job = diag(queue, alloc_mib=10, sleep_s=20)
+    start_dispatcher()
+    [c] = wait_for(lambda: pool_containers(docker_client, pool, running_only=True), what="a running cell")
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["started_at"], what="started")
+    docker_client.api.kill(c["Id"])  # a human's `docker kill`, a node drain, an engine restart without live-restore
+    wait_for(lambda: queue.attempts(job)[0]["outcome"], what="the first attempt's end")
+    first = queue.attempts(job)[0]
+    assert (first["outcome"], first["exit_code"], first["oom_killed"]) == ("lost", 137, False)
+    assert first["peak_memory_bytes"] is None or first["peak_memory_bytes"] < first["memory_limit_bytes"]
+    j = queue.get(job)
+    assert j.tier == "small" and j.state in (JobState.QUEUED, JobState.RUNNING)  # retried on the same tier
+    assert "(lost); will retry" in (j.reason or "") or j.state is JobState.RUNNING
