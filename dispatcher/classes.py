@@ -117,6 +117,15 @@ class SizeClassTable(BaseModel):
                 return c
         raise KeyError(f"no size class named {name!r}; known: {[c.name for c in self.classes]}")
 
+    def resolve(self, name: str, memory_limit_bytes: int | None = None) -> SizeClass:
+        """The class by name; for a name the table no longer has (renamed or removed while jobs ran or waited),
+        the smallest class that holds the memory it had, else the top one."""
+        try:
+            return self.get(name)
+        except KeyError:
+            fits = [c for c in self.classes if memory_limit_bytes and c.memory_limit_bytes >= memory_limit_bytes]
+            return fits[0] if fits else self.classes[-1]
+
     def for_size(self, n_bytes: int) -> SizeClass:
         for c in self.classes:
             if c.max_input_bytes is None or n_bytes < c.max_input_bytes:
@@ -190,20 +199,43 @@ def check_budget(table: SizeClassTable, budget_bytes: int) -> None:
 
 
 class Admission:
-    """Whether a job may start now: a free slot in its tier AND room in the memory budget."""
+    """Whether a job may start now: a free slot in its tier AND room in the memory budget.
 
-    def __init__(self, table: SizeClassTable, budget_bytes: int, running: Iterable[Running]) -> None:
+    Fair both ways: candidates come per tier (a backlog of one class never hides another's jobs), and a job
+    that has waited `reserve_after_s` for memory gets it reserved: smaller jobs may still start, but only in
+    the room left beside the reservation (backfill, as batch schedulers do), so a steady stream of small jobs
+    cannot hold a large one back forever.
+    """
+
+    def __init__(self, table: SizeClassTable, budget_bytes: int, running: Iterable[Running],
+                 reserve_after_s: float = 120.0) -> None:
         self.table = table
         self.budget_bytes = budget_bytes
+        self.reserve_after_s = reserve_after_s
         self.slots: dict[str, int] = {c.name: 0 for c in table.classes}
         self.used_bytes = 0
+        self.reserved_bytes = 0
+        self.reserved_for: int | None = None
         for r in running:
-            self.slots[r.tier] = self.slots.get(r.tier, 0) + 1
+            tier = table.resolve(r.tier, r.memory_limit_bytes).name
+            self.slots[tier] = self.slots.get(tier, 0) + 1
             self.used_bytes += r.memory_limit_bytes
 
     def fits(self, tier: str) -> bool:
         c = self.table.get(tier)
-        return self.slots[tier] < c.max_running and self.used_bytes + c.memory_limit_bytes <= self.budget_bytes
+        room = self.budget_bytes - self.reserved_bytes
+        return self.slots[tier] < c.max_running and self.used_bytes + c.memory_limit_bytes <= room
+
+    def consider(self, job_id: int, tier: str, waited_s: float) -> bool:
+        """True if the job may start now; otherwise it may get the reservation (one per claim, and candidates
+        come oldest first, so it goes to the job that has waited longest)."""
+        if self.fits(tier):
+            return True
+        c = self.table.get(tier)
+        if (self.reserved_for is None and waited_s >= self.reserve_after_s and self.slots[tier] < c.max_running
+                and c.memory_limit_bytes <= self.budget_bytes):
+            self.reserved_for, self.reserved_bytes = job_id, c.memory_limit_bytes
+        return False
 
     def take(self, tier: str) -> None:
         self.slots[tier] += 1

@@ -49,6 +49,7 @@ class Watched:
     reader: ChannelReader | None = None
     reading: threading.Thread | None = None
     refused: str | None = None
+    abandoned: bool = False  # our lease went to another dispatcher: stop reading, never kill
 
     @property
     def max_attempts(self) -> int:
@@ -181,6 +182,8 @@ class Dispatcher:
             try:
                 skip = reader.consumed  # a stream read again starts from its first byte
                 for chunk in self.runtime.output(handle):
+                    if w.abandoned:
+                        return
                     if skip:
                         taken = min(skip, len(chunk))
                         chunk, skip = chunk[taken:], skip - taken
@@ -189,6 +192,8 @@ class Dispatcher:
                 reader.feed_all(())
                 return
             except Refused as e:
+                if w.abandoned:
+                    return
                 w.refused = reason_text(str(e))
                 log.warning("job %s attempt %s: refused its output: %s; killing", *w.key, w.refused)
                 if w.killing is None:
@@ -242,11 +247,12 @@ class Dispatcher:
         ours, cancels = self.queue.heartbeat(self.cfg.owner, list(keys))
         for job_id, w in keys.items():
             if job_id not in ours:
-                # Our lease was taken back (we were cut off too long): the job may already run elsewhere.
-                log.error("job %s attempt %s: lease lost; killing our unit, its result would be discarded", *w.key)
-                if w.handle:
-                    self.runtime.kill(w.handle)
-                    self.runtime.cleanup(w.handle)
+                # Our lease was taken back (we were cut off too long): another dispatcher may have adopted the
+                # unit and be watching it now. Never kill it here; reconcile kills it only if no running
+                # attempt is its own.
+                log.error("job %s attempt %s: lease lost; no longer watching its unit (left to whoever owns "
+                          "the job now)", *w.key)
+                w.abandoned = True
                 del self.watched[w.key]
             elif job_id in cancels and w.killing is None:
                 log.info("job %s attempt %s: cancel requested; killing", *w.key)
@@ -311,7 +317,8 @@ class Dispatcher:
         d = decide(outcome, tier=w.spec.tier, attempt=w.spec.attempt, max_attempts=w.max_attempts,
                    table=self.table, backoff=self.cfg.backoff, exit_reason=ended.reason)
         result = Finish(job_id=w.spec.job_id, attempt=w.spec.attempt, outcome=outcome, exit=ended,
-                        duration_s=max(0.0, self.clock() - w.started), next_state=d.state.value,
+                        duration_s=ended.ran_s if ended.ran_s is not None else max(0.0, self.clock() - w.started),
+                        next_state=d.state.value,
                         next_tier=d.tier, delay_s=d.delay_s, reason=d.reason, completed=completed)
         if self.queue.finish(self.cfg.owner, result):
             level = logging.INFO if outcome is Outcome.SUCCEEDED or d.state is not JobState.FAILED else logging.WARNING

@@ -83,6 +83,7 @@ class Exit:
     reason: str = ""  # last stderr line: the job's own human-readable reason
     lost: bool = False  # the unit vanished or the runtime failed; no exit code exists
     deadline_exceeded: bool = False  # the runtime itself enforced the class deadline (Kubernetes)
+    ran_s: float | None = None  # how long the unit ran, by the runtime's own clock (not when we noticed)
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,11 @@ def _log_retry(state: Any) -> None:
 
 class PostgresQueue:
     def __init__(self, dsn: str, table: SizeClassTable, *, lease_ttl_s: float = 30.0,
-                 give_up_after_s: float | None = None) -> None:
+                 give_up_after_s: float | None = None, reserve_after_s: float = 120.0) -> None:
         self._dsn = dsn
         self._table = table
         self.lease_ttl_s = lease_ttl_s
+        self.reserve_after_s = reserve_after_s
         self._conn: psycopg.Connection[Row] | None = None
         self._lock = threading.Lock()  # one connection, one statement at a time
         self._closed = threading.Event()
@@ -130,14 +131,14 @@ class PostgresQueue:
             self._one(conn, "lock_pool", pool=pool)
             running = [Running(r["id"], r["tier"], r["memory_limit_bytes"])
                        for r in self._all(conn, "running_in_pool", pool=pool)]
-            admission = Admission(self._table, budget_bytes, running)
+            admission = Admission(self._table, budget_bytes, running, self.reserve_after_s)
             taken: list[Claimed] = []
-            for row in self._all(conn, "claimable", limit=max(limit * 4, 32)):
+            for row in self._all(conn, "claimable", per_tier=max(limit, 8)):
                 if len(taken) >= limit:
                     break
                 tier = row["tier"] if row["tier"] in admission.slots else self._table.for_size(
-                    row["document_bytes"]).name
-                if not admission.fits(tier):
+                    row["document_bytes"]).name  # a class renamed or removed since: as if submitted now
+                if not admission.consider(row["id"], tier, float(row["waited_s"])):
                     continue
                 cls = self._table.get(tier)
                 got = self._one(conn, "take", id=row["id"], owner=owner, ttl=self.lease_ttl_s, pool=pool,
@@ -153,8 +154,9 @@ class PostgresQueue:
         return self._run(go)
 
     def _spec(self, job: Job, tier: str) -> LaunchSpec:
-        cls = self._table.get(tier)
-        return LaunchSpec(job_id=job.id, attempt=job.attempt, tier=tier, memory_limit_bytes=cls.memory_limit_bytes,
+        cls = self._table.resolve(tier, job.memory_limit_bytes)  # adopted: its class may be gone since
+        limit = job.memory_limit_bytes or cls.memory_limit_bytes  # what its unit was started with
+        return LaunchSpec(job_id=job.id, attempt=job.attempt, tier=cls.name, memory_limit_bytes=limit,
                           timeout_s=cls.timeout_s, document_uri=job.document_uri, workload=job.workload,
                           params=dict(job.params))
 
@@ -224,6 +226,7 @@ class PostgresQueue:
             if row is None:
                 return None
             job = job_from_row(row)
+            self._one(conn, "adopted", owner=owner, job_id=job_id, attempt=attempt)
             attempts = self._all(conn, "attempts", job_id=job_id)
             started = next((a["started_at"] or a["claimed_at"] for a in attempts if a["attempt"] == attempt), None)
             return Claimed(job, self._spec(job, job.tier), started)

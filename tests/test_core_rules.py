@@ -127,6 +127,29 @@ def test_admission_needs_a_slot_and_room_in_the_budget():
     assert not full.fits("large")  # no slot, whatever the budget
 
 
+def test_a_job_that_waited_long_enough_gets_its_memory_reserved():
+    t = load_table(DEFAULT_TABLE)
+    running = [Running(1, "medium", 1024 * MIB)]
+    fresh = Admission(t, 2560 * MIB, running, reserve_after_s=120)
+    assert not fresh.consider(10, "large", waited_s=5)  # no room yet, and it has not waited long
+    assert fresh.consider(11, "small", waited_s=0)  # small jobs fill the room meanwhile
+    waited = Admission(t, 2560 * MIB, running, reserve_after_s=120)
+    assert not waited.consider(10, "large", waited_s=300)  # still no room, but now it is reserved
+    assert waited.reserved_for == 10 and waited.reserved_bytes == 2048 * MIB
+    assert not waited.consider(11, "small", waited_s=0)  # the stream of small jobs no longer starves it
+    after = Admission(t, 2560 * MIB, [], reserve_after_s=120)  # the medium job ended
+    assert after.consider(10, "large", waited_s=310)
+
+
+def test_a_class_renamed_while_jobs_ran_resolves_by_memory():
+    t = load_table(DEFAULT_TABLE)
+    assert t.resolve("medium").name == "medium"
+    assert t.resolve("huge-old-name", 1024 * MIB).name == "medium"
+    assert t.resolve("gone", 64 * 1024 * MIB).name == "large" and t.resolve("gone").name == "large"
+    a = Admission(t, 8192 * MIB, [Running(1, "gone", 600 * MIB)])  # counted, not a KeyError
+    assert a.used_bytes == 600 * MIB and a.slots["medium"] == 1
+
+
 def test_parse_bytes():
     assert parse_bytes("512MiB") == 512 * MIB and parse_bytes("5MB") == 5_000_000 and parse_bytes(7) == 7
     with pytest.raises(ValueError):

@@ -96,3 +96,33 @@ def test_a_sigkill_from_outside_is_lost_not_oom_and_retried_on_the_same_tier(que
     j = queue.get(job)
     assert j.tier == "small" and j.state in (JobState.QUEUED, JobState.RUNNING)  # retried on the same tier
     assert "(lost); will retry" in (j.reason or "") or j.state is JobState.RUNNING
+
+
+def test_a_backlog_of_large_jobs_does_not_hide_a_small_one(queue, db_url):
+    """200 large jobs queued first: the claim still sees (and starts) the small job behind them."""
+    for _ in range(200):
+        diag(queue, size_class="large")
+    small = diag(queue, size_class="small")
+    claimed = queue.claim("me", "p", 64 * 1024**3, 32)
+    assert small in [c.job.id for c in claimed]
+    assert sorted(c.spec.tier for c in claimed) == ["large", "small"]  # one large slot, and the small job
+
+
+def test_a_large_job_that_waited_is_not_starved_by_a_stream_of_small_ones(db_url, table):
+    """The budget holds one large job or a few small ones; small ones keep coming. Once the large one has
+    waited reserve_after_s, no new small job may take the memory it needs."""
+    q = PostgresQueue(db_url, table, lease_ttl_s=30, reserve_after_s=0.5)
+    q.migrate()
+    budget = 256 * 1024**2  # large: 256 MiB; small: 64 MiB (tests' classes)
+    running = [diag(q, size_class="small") for _ in range(2)]
+    assert len(q.claim("me", "p", budget, 2)) == 2
+    large = diag(q, size_class="large")
+    sql(db_url, "UPDATE jobs SET scheduled_at = now() - interval '10 seconds' WHERE id = %s", large)
+    for _ in range(3):  # newcomers: each would fit in the room the two running ones leave
+        diag(q, size_class="small")
+    assert [c.job.id for c in q.claim("me", "p", budget, 8)] == []  # room for 2 small, but reserved
+    for job_id in running:  # the running ones end
+        sql(db_url, "UPDATE jobs SET state = 'succeeded', lease_owner = NULL, lease_expires_at = NULL,"
+                    " finished_at = now() WHERE id = %s", job_id)
+    assert [c.job.id for c in q.claim("me", "p", budget, 8)] == [large]
+    q.close()

@@ -180,8 +180,9 @@ class DockerRuntime:
         oom = bool(state.get("OOMKilled"))
         peak = self._peaks.get(handle.ref)
         self._forget(handle.ref)
+        ran = _age_s(state["StartedAt"]) - _age_s(state["FinishedAt"]) if state.get("FinishedAt") else None
         return Exit(exit_code=int(state["ExitCode"]), oom_killed=oom, peak_memory_bytes=peak,
-                    log_tail=tail(stderr), reason=last_line(stderr))
+                    log_tail=tail(stderr), reason=last_line(stderr), ran_s=ran if ran and ran > 0 else None)
 
     def _sample_forever(self) -> None:
         """Keep the highest memory usage seen per container: the fallback when a job cannot report its own

@@ -250,7 +250,7 @@ class ProcessRuntime:
                         reason="the job's wrapper died without an exit code")
         # no cgroup: the enclosing one's counter would be the whole host's; the cell's own report is used
         return Exit(exit_code=code, oom_killed=oom, peak_memory_bytes=Cgroups.peak(cgroup), log_tail=tail(stderr),
-                    reason=last_line(stderr))
+                    reason=last_line(stderr), ran_s=_ran_s(unit))
 
     def kill(self, handle: Handle) -> None:
         unit = Path(handle.ref)
@@ -302,6 +302,14 @@ def _read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
     except (OSError, ValueError):
+        return None
+
+
+def _ran_s(unit: Path) -> float | None:
+    """From the pid file (written at launch) to the exit code (written by the wrapper as the job ended)."""
+    try:
+        return max(0.0, (unit / "exit_code").stat().st_mtime - (unit / "pid").stat().st_mtime)
+    except OSError:
         return None
 
 

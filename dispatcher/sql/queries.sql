@@ -19,10 +19,14 @@ SELECT pg_advisory_xact_lock(hashtext('jobcell-pool:' || %(pool)s));
 SELECT id, tier, memory_limit_bytes FROM jobs WHERE state = 'running' AND pool = %(pool)s;
 
 -- name: claimable
-SELECT * FROM jobs
-WHERE state = 'queued' AND scheduled_at <= now() AND NOT cancel_requested
+-- Up to per_tier candidates of each tier: a backlog of one class never hides another's jobs.
+SELECT *, extract(epoch FROM now() - scheduled_at) AS waited_s FROM jobs
+WHERE id IN (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (PARTITION BY tier ORDER BY priority DESC, scheduled_at, id) AS n
+        FROM jobs WHERE state = 'queued' AND scheduled_at <= now() AND NOT cancel_requested) ranked
+    WHERE n <= %(per_tier)s)
 ORDER BY priority DESC, scheduled_at, id
-LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;
 
 -- name: take
@@ -77,6 +81,9 @@ SET lease_owner = %(owner)s, lease_expires_at = now() + make_interval(secs => %(
 WHERE id = %(job_id)s AND attempt = %(attempt)s AND state = 'running' AND pool = %(pool)s
   AND (lease_owner = %(owner)s OR lease_expires_at < now())
 RETURNING *;
+
+-- name: adopted
+UPDATE job_attempts SET dispatcher = %(owner)s WHERE job_id = %(job_id)s AND attempt = %(attempt)s;
 
 -- name: attempt_is_current
 SELECT 1 FROM jobs WHERE id = %(job_id)s AND attempt = %(attempt)s AND state = 'running';
