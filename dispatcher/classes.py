@@ -117,6 +117,10 @@ class SizeClassTable(BaseModel):
                 return c
         raise KeyError(f"no size class named {name!r}; known: {[c.name for c in self.classes]}")
 
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
     def resolve(self, name: str, memory_limit_bytes: int | None = None) -> SizeClass:
         """The class by name; for a name the table no longer has (renamed or removed while jobs ran or waited),
         the smallest class that holds the memory it had, else the top one."""

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from .classes import SizeClassTable, format_bytes
-from .errors import JobcellError
+from .errors import JobcellError, NotFound
 from .models import JobState, NewJob
 from .queue import PostgresQueue
 from .settings import Settings, load_settings
@@ -57,21 +58,36 @@ def cmd_migrate(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+DIAG_PARAMS = {"alloc_mib": float, "sleep_s": float, "step_sleep_s": float, "exit_code": int, "message": str}
+
+
 def _parse_diag(spec: str) -> dict[str, Any]:
-    """'alloc_mib=700,sleep_s=1,exit_code=0' -> params of the job image's diagnostic workload."""
+    """'alloc_mib=700,sleep_s=1,exit_code=0' -> params of the job image's diagnostic workload, checked here."""
     out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
+    usage = "expected key=value pairs such as alloc_mib=700,sleep_s=1 (keys: " + ", ".join(DIAG_PARAMS) + ")"
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise JobcellError(f"--diag {spec!r}: {usage}")
+    for part in parts:
         key, sep, value = part.partition("=")
-        if not sep:
-            raise JobcellError(f"--diag {spec!r}: expected key=value pairs such as alloc_mib=700,sleep_s=1")
-        out[key] = value if key == "message" else float(value) if "." in value else int(value)
+        kind = DIAG_PARAMS.get(key.strip())
+        if not sep or kind is None:
+            raise JobcellError(f"--diag {part!r}: {usage}")
+        try:
+            out[key.strip()] = kind(value)
+        except ValueError:
+            raise JobcellError(f"--diag {part!r}: {key} takes a number") from None
+    if not 0 <= out.get("exit_code", 0) <= 255:
+        raise JobcellError("--diag exit_code: an exit code is 0 to 255")
     return out
 
 
 def cmd_submit(s: Settings, a: argparse.Namespace) -> int:
     table = s.table()
-    if a.size_class:
-        table.get(a.size_class)
+    if a.size_class and a.size_class not in table.names:
+        raise JobcellError(f"--class {a.size_class!r}: no such class; known: {', '.join(table.names)}")
+    if a.lang and not re.fullmatch(r"[A-Za-z_]+(\+[A-Za-z_]+)*", a.lang):
+        raise JobcellError(f"--lang {a.lang!r}: expected tesseract language codes such as eng or eng+deu")
     q = build_queue(s)
     ids = []
     sources = [f"diag:{a.diag}"] if a.diag is not None else a.paths
@@ -144,7 +160,11 @@ def _summary(q: PostgresQueue, ids: list[int]) -> str:
 
 
 def cmd_report(s: Settings, a: argparse.Namespace) -> int:
-    print(_summary(build_queue(s), a.ids))
+    q = build_queue(s)
+    missing = sorted(set(a.ids) - {j.id for j in q.jobs(a.ids)})
+    if missing:
+        raise NotFound(f"no job {', '.join(map(str, missing))}")
+    print(_summary(q, a.ids))
     return 0
 
 
@@ -272,6 +292,18 @@ def cmd_export(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+def _bounded(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"{n} is out of range: {low} to {high}")
+        return n
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobcell", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -282,10 +314,10 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_classes)
     sm = sub.add_parser("submit", help="store documents and enqueue one job each")
     sm.add_argument("paths", nargs="*", metavar="PATH|s3://bucket/key")
-    sm.add_argument("--priority", type=int, default=0, help="higher runs first")
+    sm.add_argument("--priority", type=_bounded(-1000, 1000), default=0, help="higher runs first (-1000 to 1000)")
     sm.add_argument("--wait", action="store_true", help="show progress until every job ends; non-zero if any failed")
     sm.add_argument("--class", dest="size_class", help="force a size class instead of choosing by size")
-    sm.add_argument("--max-attempts", type=int, default=None)
+    sm.add_argument("--max-attempts", type=_bounded(1, 100), default=None, help="1 to 100")
     sm.add_argument("--lang", help="tesseract languages for these documents, e.g. eng+deu (default: the image's)")
     sm.add_argument("--diag", metavar="SPEC", help="a diagnostic job instead of a document: "
                     "alloc_mib=N,sleep_s=S,exit_code=C,message=TEXT")
@@ -322,9 +354,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(a, "max_attempts", 0) is None:
             a.max_attempts = s.max_attempts
         return int(a.fn(s, a))
-    except (JobcellError, KeyError) as e:
+    except JobcellError as e:
         print(f"jobcell: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C during --wait: the jobs go on; say so, no traceback
+        print("\njobcell: interrupted (submitted jobs keep running; `jobcell status` shows them)", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `jobcell status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -19,3 +19,7 @@ class NotFound(JobcellError):
 
 class DocumentMissing(JobcellError):
     """A job's stored document is gone (deleted object, pruned file): it will never be there again."""
+
+
+class DatabaseUnavailable(JobcellError):
+    """The database cannot be used: down past the retry budget, or refusing our credentials."""

@@ -11,12 +11,12 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_never, wait_exponential_jitter
 
 from job_image.contract import PageResult
 
 from .classes import Admission, SizeClassTable
-from .errors import ConfigError, NotFound
+from .errors import ConfigError, DatabaseUnavailable, NotFound
 from .models import Job, JobState, KillReason, LaunchSpec, NewJob, Outcome, Running
 from .ports import Claimed, Finish
 from .sql import migrations, query
@@ -38,6 +38,27 @@ def job_from_row(row: Row) -> Job:
         memory_limit_bytes=row["memory_limit_bytes"], pool=row["pool"], source=row.get("source"))
 
 
+_PERMANENT = ("28P01", "28000", "3D000")  # bad password, no such role or pg_hba entry, no such database
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth retrying: the server is down or restarting. A wrong password or database name is not."""
+    if not isinstance(e, psycopg.OperationalError):
+        return False
+    text = str(e)
+    return getattr(e, "sqlstate", None) not in _PERMANENT and not any(
+        m in text for m in ("authentication failed", "does not exist", "no pg_hba.conf entry"))
+
+
+def _where(dsn: str) -> str:
+    """host:port/db of a connection string, never its password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "the configured database"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
 def _log_retry(state: Any) -> None:
     log.warning("database unavailable (%s); retrying in %.1f s",
                 state.outcome.exception() if state.outcome else "?", state.next_action.sleep)
@@ -54,7 +75,7 @@ class PostgresQueue:
         self._lock = threading.Lock()  # one connection, one statement at a time
         self._closed = threading.Event()
         self._retry = Retrying(
-            retry=retry_if_exception_type(psycopg.OperationalError),
+            retry=retry_if_exception(_transient),
             wait=wait_exponential_jitter(multiplier=0.5, max=30),
             stop=stop_never if give_up_after_s is None else stop_after_delay(give_up_after_s),
             before_sleep=_log_retry, reraise=True)
@@ -67,16 +88,21 @@ class PostgresQueue:
         return self._conn
 
     def _run(self, fn: Callable[[psycopg.Connection[Row]], T]) -> T:
-        """Run fn in one transaction, reconnecting with backoff while the database is unreachable."""
-        for attempt in self._retry:
-            with attempt, self._lock:
-                conn = self._connection()
-                try:
-                    with conn.transaction():
-                        return fn(conn)
-                except psycopg.OperationalError:
-                    conn.close()
-                    raise
+        """Run fn in one transaction, reconnecting with backoff while the database is unreachable; what
+        cannot be retried (or no longer) becomes a DatabaseUnavailable that names the server, not the password."""
+        try:
+            for attempt in self._retry:
+                with attempt, self._lock:
+                    conn = self._connection()
+                    try:
+                        with conn.transaction():
+                            return fn(conn)
+                    except psycopg.OperationalError:
+                        conn.close()
+                        raise
+        except psycopg.OperationalError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+            raise DatabaseUnavailable(f"cannot use the database at {_where(self._dsn)}: {first}") from None
         raise AssertionError("unreachable")
 
     def close(self) -> None:

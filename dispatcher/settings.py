@@ -6,6 +6,8 @@ import os
 import socket
 from typing import Literal
 
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -32,9 +34,9 @@ class Settings(BaseSettings):
     process_cap: Literal["auto", "rlimit"] = "auto"
     k8s_namespace: str = "jobcell"
     k8s_service_account: str | None = None
-    # Render: the base service of the one-off jobs (Render sets RENDER_SERVICE_ID in every service) and
-    # tier -> planId as JSON; the API key is RENDER_API_KEY, read from the environment only
-    render_service_id: str | None = Field(default_factory=lambda: os.environ.get("RENDER_SERVICE_ID"))
+    # Render: the cells' own base service (never the dispatcher's: a one-off job inherits its base service's
+    # environment) and tier -> planId as JSON; the API key is RENDER_API_KEY, read from the environment only
+    render_service_id: str | None = None
     render_plans: dict[str, str] = Field(default_factory=dict)
     job_image: str = "jobcell-job:dev"
     network: str = "none"  # Docker network of job containers: none, since a cell's input comes on stdin
@@ -85,7 +87,13 @@ class Settings(BaseSettings):
         if self.database_url is None:
             raise ConfigError("JOBCELL_DATABASE_URL is not set: point it at Postgres, "
                               "e.g. postgresql://jobcell:secret@localhost:5432/jobcell")
-        return self.database_url.get_secret_value()
+        dsn = self.database_url.get_secret_value()
+        try:
+            conninfo_to_dict(dsn)
+        except ProgrammingError:
+            raise ConfigError("JOBCELL_DATABASE_URL is not a connection URL: expected "
+                              "postgresql://user:password@host:5432/dbname") from None
+        return dsn
 
     def job_options(self) -> JobOptions:
         return JobOptions(dpi=self.dpi, max_pages=self.max_pages, max_pixels=self.max_pixels,
@@ -127,6 +135,6 @@ def load_settings() -> Settings:
         raise ConfigError(f"JOBCELL_RUNTIME={s.runtime} needs JOBCELL_S3_BUCKET: its cells cannot be streamed "
                           "their document, so each fetches it from the object store by a presigned URL")
     if s.runtime == "render" and not (s.render_service_id and os.environ.get("RENDER_API_KEY")):
-        raise ConfigError("JOBCELL_RUNTIME=render needs RENDER_API_KEY and the base service's id "
-                          "(JOBCELL_RENDER_SERVICE_ID, or RENDER_SERVICE_ID as Render sets it)")
+        raise ConfigError("JOBCELL_RUNTIME=render needs RENDER_API_KEY and JOBCELL_RENDER_SERVICE_ID, the id of "
+                          "the cells' own base service (jobcell-cell in render.yaml), never the dispatcher's own")
     return s

@@ -25,6 +25,8 @@ def _digest(path: Path) -> str:
 
 def _checked(path: str) -> Path:
     p = Path(path)
+    if p.is_dir():
+        raise SubmitError(f"{path}: is a directory; give the documents in it (e.g. {path.rstrip('/')}/*.pdf)")
     if not p.is_file():
         raise SubmitError(f"{path}: no such file")
     if not os.access(p, os.R_OK):

@@ -27,7 +27,7 @@ def cli_env(db_url: str, tmp_path: Path, pool: str) -> dict[str, str]:
 
 def test_migrate_is_idempotent(cli_env):
     first = jobcell("migrate", env=cli_env)
-    assert first.returncode == 0 and "applied: 0001_queue.sql, 0002_pages.sql" in first.stdout
+    assert first.returncode == 0 and "applied: 0001_queue.sql, 0002_pages.sql, 0003_sealed_cells.sql" in first.stdout
     again = jobcell("migrate", env=cli_env)
     assert again.returncode == 0 and "up to date" in again.stdout
 
@@ -157,3 +157,46 @@ def test_status_shows_running_jobs_and_budget_use(cli_env, queue, start_dispatch
     assert running.split()[1:4] == ["small", "64", "MiB"]
     assert f"pool {pool}: 64 MiB of memory limits in use of the 1 GiB budget (6%)" in out.stdout
     queue.cancel(job)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["submit", "--priority", "99999999999", "x.pdf"], "out of range: -1000 to 1000"),
+    (["submit", "--max-attempts", "0", "x.pdf"], "out of range: 1 to 100"),
+    (["submit", "--max-attempts", "-1", "x.pdf"], "out of range: 1 to 100"),
+    (["submit", "--diag", "alloc_mib=abc"], "alloc_mib takes a number"),
+    (["submit", "--diag", ""], "expected key=value pairs"),
+    (["submit", "--diag", "bogus=1"], "'bogus=1': expected key=value pairs"),
+    (["submit", "--diag", "exit_code=300"], "an exit code is 0 to 255"),
+    (["submit", "--lang", "eng;rm", "x.pdf"], "--lang 'eng;rm'"),
+    (["submit", "--class", "huge", "x.pdf"], "--class 'huge': no such class"),
+    (["submit", "/tmp"], "/tmp: is a directory"),
+    (["report", "424242"], "no job 424242"),
+    (["show", "424242"], "no job 424242"),
+])
+def test_bad_arguments_get_one_clear_line_and_change_nothing(cli_env, queue, args, says):
+    out = jobcell(*args, env=cli_env, timeout=60)
+    assert out.returncode != 0, out.stdout
+    assert says in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert queue.counts() == []  # nothing half-written
+
+
+@pytest.mark.parametrize("url, says", [
+    ("not-a-url", "JOBCELL_DATABASE_URL is not a connection URL"),
+    ("postgresql://jobcell:wrong-password@127.0.0.1:{port}/postgres", "password authentication failed"),
+])
+def test_a_bad_database_url_is_refused_at_once_without_its_password(cli_env, pg_server, url, says):
+    port = pg_server.rsplit(":", 1)[1].split("/")[0]
+    out = jobcell("status", env=dict(cli_env, JOBCELL_DATABASE_URL=url.format(port=port)), timeout=30)
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "wrong-password" not in out.stderr
+
+
+def test_a_broken_pipe_is_quiet(cli_env, queue):
+    from .conftest import diag
+
+    for _ in range(30):
+        diag(queue)
+    out = subprocess.run(f"{sys.executable} -m dispatcher.cli submit --diag sleep_s=0 && "
+                         f"{sys.executable} -m dispatcher.cli status | head -1", shell=True, cwd=ROOT, env=cli_env,
+                         text=True, capture_output=True, timeout=60)
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr

@@ -52,11 +52,13 @@ def test_compose_file_names_line_up() -> None:
     # Only forms that docker-compose 1.x and compose v2 render alike: map entries and top-level names.
     assert re.search(r"^networks:\n  default:\n    name: \"?jobcell\"?$", text, re.M), text
     assert re.search(r"^  store:\n    name: \"?jobcell-store\"?$", text, re.M), text
-    for key, value in [("JOBCELL_NETWORK", "jobcell"), ("JOBCELL_STORE_MOUNT", "jobcell-store"),
-                       ("JOBCELL_JOB_IMAGE", "jobcell-job:dev"), ("JOBCELL_STORE_DIR", "/var/lib/jobcell/store"),
-                       ("JOBCELL_JOB_DATABASE_URL", "postgresql://jobcell:jobcell@postgres:5432/jobcell"),
+    for key, value in [("JOBCELL_JOB_IMAGE", "jobcell-job:dev"), ("JOBCELL_STORE_DIR", "/var/lib/jobcell/store"),
+                       ("JOBCELL_DATABASE_URL", "postgresql://jobcell:jobcell@postgres:5432/jobcell"),
                        ("image", "jobcell-job:dev")]:
         assert re.search(rf"^ +{key}: \"?{re.escape(value)}\"?$", text, re.M), f"no {key}: {value}:\n{text}"
+    # nothing that would give cells the database, the store or a network
+    for retired in ("JOBCELL_JOB_DATABASE_URL", "JOBCELL_STORE_MOUNT", "JOBCELL_NETWORK:", "JOBCELL_JOB_ENV"):
+        assert retired not in text, f"{retired} is back in compose.yaml"
 
 
 class Stack:
@@ -141,8 +143,11 @@ def test_compose_stack_ocrs_a_document(stack: Stack, docker_client: docker.Docke
     row = re.search(rf"{re.escape(DOCUMENT.name)}\s+succeeded\s+(\d+)", out)
     assert row and int(row.group(1)) >= 1, f"no page stored:\n{out}"
 
-    # Success means the job reached Postgres over the compose network and read the document from the store
-    # volume (a store: URI is only ever read from /store): both exist under the names given to compose.
+    # The dispatcher read the document from its store volume and streamed it into a sealed cell: no network,
+    # no mount, not a superuser's database either (compose's dispatcher role is a plain owner).
     docker_client.networks.get(stack.network)
     docker_client.volumes.get(stack.volume)
+    role = stack("exec", "-T", "postgres", "psql", "-U", "postgres", "-tAc",
+                 "SELECT rolsuper FROM pg_roles WHERE rolname = 'jobcell'", timeout=60)
+    assert role.stdout.strip() == "f", role.stdout + role.stderr
     print(f"compose stack: up + one document in {time.monotonic() - t0:.1f} s")
