@@ -133,6 +133,12 @@ class Dispatcher:
     def _launch(self, w: Watched) -> Exception | None:
         spec = w.spec
         log.info("job %s attempt %s: launching on %s (%s)", *w.key, spec.tier, format_bytes(spec.memory_limit_bytes))
+        limit = self.cfg.job_options.max_input_bytes
+        if w.job.document_bytes > limit:  # refused before any cell starts: nothing to stream, nothing to retry
+            reason = (f"the file is {w.job.document_bytes / 1e6:.1f} MB, over the {limit / 1e6:g} MB limit "
+                      "(JOBCELL_MAX_INPUT_BYTES)")
+            self._finish(w, Exit(exit_code=EXIT_BAD_INPUT, reason=reason))
+            return None
         try:
             header = self._header(w)
             w.handle = self.runtime.launch(spec, CellInput(header, spec.document_uri))

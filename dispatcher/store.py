@@ -81,7 +81,10 @@ class S3Store:
 
         self.bucket = bucket
         self.prefix = prefix
-        self.s3 = client or boto3.client("s3", endpoint_url=endpoint_url)
+        from botocore.config import Config
+
+        # SigV4: presigned URLs that carry their expiry (X-Amz-Expires), as every current region requires
+        self.s3 = client or boto3.client("s3", endpoint_url=endpoint_url, config=Config(signature_version="s3v4"))
 
     def put(self, path: str) -> tuple[str, int, str]:
         src = _checked(path)

@@ -53,6 +53,7 @@ class DockerOptions:
     cpus: float | None = None
     stats_every_s: float = 2.0
     start_grace_s: float = 60.0  # a container still 'created' after this lost its launcher
+    input_timeout_s: float = 30.0  # per MiB of input streamed into a cell
 
 
 OpenDocument = Callable[[str], tuple[BinaryIO, int]]
@@ -138,6 +139,7 @@ class DockerRuntime:
         """Attach to stdin, start, stream the header and the document, then close: the cell's end of input."""
         attached = self.client.api.attach_socket(ref, params={"stdin": 1, "stream": 1})
         sock = cast(socket.socket, getattr(attached, "_sock", attached))
+        sock.settimeout(self.options.input_timeout_s)  # a cell that stops reading cannot hold a launch thread
         try:
             self.client.api.start(ref)
             sock.sendall(cell.header_line())
@@ -147,8 +149,8 @@ class DockerRuntime:
                 writer.flush()
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError) as e:  # the cell ended early (refused its header)
-            log.info("container %s stopped reading its input early (%s)", ref[:12], e)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:  # it ended early, or stopped reading
+            log.info("container %s stopped reading its input early (%s)", ref[:12], type(e).__name__)
         finally:
             attached.close()
 
