@@ -17,8 +17,9 @@ from .classes import SizeClassTable, load_table_from, parse_bytes
 from .errors import ConfigError
 
 
-class Settings(BaseSettings):
-    """Every field is JOBCELL_<NAME>; the README's configuration table lists them."""
+class Settings(BaseSettings, JobOptions):
+    """Every field is JOBCELL_<NAME>; the README's configuration table lists them. The cells' options come from
+    the contract's JobOptions, so they are validated here, once, at start."""
 
     model_config = SettingsConfigDict(env_prefix="JOBCELL_", extra="ignore", frozen=True)
 
@@ -45,14 +46,7 @@ class Settings(BaseSettings):
     tmpfs_size: str = Field(default="64m", pattern=r"^\d+[kmg]$")
     scratch_size: str = Field(default="512m", pattern=r"^\d+[kmg]$")  # capped, noexec; counts against memory
     job_cpus: float | None = Field(default=None, gt=0)
-    # what every document cell is told (its header's options)
-    dpi: int = Field(default=200, ge=72, le=600)
-    max_pages: int = Field(default=2000, ge=1, le=100_000)
-    max_pixels: int = Field(default=40_000_000, ge=1_000_000)
-    max_input_bytes: int = Field(default=200_000_000, ge=1)
-    ocr_lang: str = Field(default="eng", pattern=r"^[A-Za-z_]+(\+[A-Za-z_]+)*$")
-    page_timeout_s: float = Field(default=300.0, gt=0)
-    ocr_workers: int = Field(default=0, ge=0)
+    # and every field of JobOptions (JOBCELL_DPI, JOBCELL_MAX_PAGES, ...): what every cell is told
     llm_model: str = "gpt-4o-mini"  # the manifest step, on the trusted side, when OPENAI_API_KEY is set
     store_dir: str = "var/store"
     s3_bucket: str | None = None
@@ -96,9 +90,7 @@ class Settings(BaseSettings):
         return dsn
 
     def job_options(self) -> JobOptions:
-        return JobOptions(dpi=self.dpi, max_pages=self.max_pages, max_pixels=self.max_pixels,
-                          max_input_bytes=self.max_input_bytes, lang=self.ocr_lang,
-                          page_timeout_s=self.page_timeout_s, ocr_workers=self.ocr_workers)
+        return JobOptions(**{name: getattr(self, name) for name in JobOptions.model_fields})
 
 
 # Settings that gave cells credentials or a shared store; refused so that an upgrade cannot silently keep them.

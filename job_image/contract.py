@@ -57,7 +57,7 @@ class JobOptions(_Strict):
     max_pages: int = Field(default=2000, ge=1, le=100_000)
     max_pixels: int = Field(default=40_000_000, ge=1_000_000)
     max_input_bytes: int = Field(default=200_000_000, ge=1)
-    lang: str = Field(default="eng", pattern=r"^[A-Za-z_]+(\+[A-Za-z_]+)*$")
+    ocr_lang: str = Field(default="eng", pattern=r"^[A-Za-z_]+(\+[A-Za-z_]+)*$")
     page_timeout_s: float = Field(default=300.0, gt=0)
     ocr_workers: int = Field(default=0, ge=0)  # 0: as many as CPUs and memory allow
 

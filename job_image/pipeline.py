@@ -23,7 +23,7 @@ from .validate import Document, Limits, Page, inspect
 def _lang(header: Header) -> str:
     lang = header.params.get("lang")
     if not lang:
-        return header.options.lang
+        return header.options.ocr_lang
     if not isinstance(lang, str) or not re.fullmatch(r"[A-Za-z_]+(\+[A-Za-z_]+)*", lang):
         raise BadInput(f"invalid OCR language {lang!r}: expected tesseract codes such as eng or eng+deu")
     return lang

@@ -154,23 +154,16 @@ def any_runtime(request: pytest.FixtureRequest, pool: str, queue: PostgresQueue,
                                          own_service_id="srv-dispatcher", log_poll_s=0.2, log_settle_s=1.0),
                            presign=fake_presign)
     else:
-        from lightkube import Client
-        from lightkube.config.kubeconfig import KubeConfig
 
         from dispatcher.runtimes.kubernetes import KubernetesOptions, KubernetesRuntime
 
-        from .fake_kubernetes import FakeKubernetes, fake_presign
+        from .fake_kubernetes import FakeKubernetes, client_for, fake_presign
 
         fake = FakeKubernetes()
         stack = contextlib.ExitStack()
         stack.enter_context(fake.serve())
         request.addfinalizer(stack.close)
-        kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
-                      "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
-                      "users": [{"name": "jobcell", "user": {"token": "test-token"}}],
-                      "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "jobcell",
-                                                                "namespace": "jobcell"}}]}
-        client = Client(config=KubeConfig.from_dict(kubeconfig), namespace="jobcell")
+        client = client_for(fake)
         rt = KubernetesRuntime(KubernetesOptions(namespace="jobcell", pool=pool, queue_id=queue.queue_id(),
                                                  log_poll_s=0.1),
                                presign=fake_presign, client=client)

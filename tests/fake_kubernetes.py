@@ -270,3 +270,16 @@ class FakeKubernetes:
         with fake_http.serve(lambda m, p, q, b, _h: self.handle(m, p, q, b)) as url:
             self.url = url
             yield self
+
+
+def client_for(fake: FakeKubernetes) -> Any:
+    """A real lightkube Client pointed at the stand-in, with a kubeconfig as a user would have one."""
+    from lightkube import Client
+    from lightkube.config.kubeconfig import KubeConfig
+
+    kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
+                  "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+                  "users": [{"name": "jobcell", "user": {"token": "test-token"}}],
+                  "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "jobcell",
+                                                            "namespace": "jobcell"}}]}
+    return Client(config=KubeConfig.from_dict(kubeconfig), namespace="jobcell")

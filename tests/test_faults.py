@@ -20,17 +20,23 @@ def outcomes(queue: PostgresQueue, job_id: int) -> list[tuple[str, str]]:
     return [(a["tier"], a["outcome"]) for a in queue.attempts(job_id)]
 
 
+def created_never_started(queue: PostgresQueue, client: docker.DockerClient, pool: str, db_url: str, image: str,
+                          grace_s: float) -> tuple[int, DockerRuntime]:
+    """A job whose dispatcher died between create and start: its container exists, never started, lease expired."""
+    job = diag(queue)
+    [claimed] = queue.claim("dead-dispatcher", pool, 4 * 1024**3, 1)
+    rt = DockerRuntime(DockerOptions(image=image, pool=pool, queue_id=queue.queue_id(), start_grace_s=grace_s),
+                       client=client)
+    cfg = rt.container_config(claimed.spec)
+    client.api.create_container(host_config=client.api.create_host_config(**cfg.pop("host_config")), **cfg)
+    sql(db_url, "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", job)
+    return job, rt
+
+
 def test_a_cell_created_but_never_started_is_lost_and_retried(queue, start_dispatcher, docker_client, pool,
                                                                db_url, job_image):
     """A dispatcher killed between create and start: the next one must not wait on it forever."""
-    job = diag(queue)
-    [claimed] = queue.claim("dead-dispatcher", pool, 4 * 1024**3, 1)
-    rt = DockerRuntime(DockerOptions(image=job_image, pool=pool, queue_id=queue.queue_id(), start_grace_s=1),
-                       client=docker_client)
-    cfg = rt.container_config(claimed.spec)
-    docker_client.api.create_container(host_config=docker_client.api.create_host_config(**cfg.pop("host_config")),
-                                       **cfg)  # created, never started: the launcher "died" here
-    sql(db_url, "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", job)
+    job, rt = created_never_started(queue, docker_client, pool, db_url, job_image, grace_s=1)
     start_dispatcher(rt=rt)
     [j] = wait_final(queue, [job], timeout=60)
     assert j.state is JobState.SUCCEEDED, j.reason
@@ -42,14 +48,7 @@ def test_a_cell_created_but_never_started_is_lost_and_retried(queue, start_dispa
 
 def test_cancel_of_a_cell_that_never_started_takes_effect(queue, start_dispatcher, docker_client, pool, db_url,
                                                          job_image):
-    job = diag(queue)
-    [claimed] = queue.claim("dead-dispatcher", pool, 4 * 1024**3, 1)
-    rt = DockerRuntime(DockerOptions(image=job_image, pool=pool, queue_id=queue.queue_id(), start_grace_s=3600),
-                       client=docker_client)
-    cfg = rt.container_config(claimed.spec)
-    docker_client.api.create_container(host_config=docker_client.api.create_host_config(**cfg.pop("host_config")),
-                                       **cfg)
-    sql(db_url, "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", job)
+    job, rt = created_never_started(queue, docker_client, pool, db_url, job_image, grace_s=3600)
     start_dispatcher(rt=rt)
     wait_for(lambda: queue.get(job).lease_owner not in (None, "dead-dispatcher"), what="adoption")
     queue.cancel(job)

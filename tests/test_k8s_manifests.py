@@ -15,8 +15,7 @@ from typing import Any, cast
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml  # type: ignore[import-untyped]
-from lightkube import ApiError, Client
-from lightkube.config.kubeconfig import KubeConfig
+from lightkube import ApiError
 from lightkube.resources.batch_v1 import Job
 
 from dispatcher.models import MIB, LaunchSpec
@@ -25,7 +24,7 @@ from dispatcher.runtimes.kubernetes import LABEL_CELL, KubernetesOptions, Kubern
 from job_image.contract import Header, decode
 
 from .conftest import ROOT
-from .fake_kubernetes import FakeKubernetes, fake_presign
+from .fake_kubernetes import FakeKubernetes, client_for, fake_presign
 
 K8S = ROOT / "k8s"
 VERSION = kubernetes_validate.latest_version()
@@ -58,12 +57,7 @@ def offline(**options: Any) -> KubernetesRuntime:
 def k8s() -> Iterator[tuple[FakeKubernetes, KubernetesRuntime]]:
     fake = FakeKubernetes()
     with fake.serve():
-        kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
-                      "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
-                      "users": [{"name": "jobcell", "user": {"token": "test-token"}}],
-                      "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "jobcell",
-                                                                "namespace": "jobcell"}}]}
-        client = Client(config=KubeConfig.from_dict(kubeconfig), namespace="jobcell")
+        client = client_for(fake)
         yield fake, KubernetesRuntime(KubernetesOptions(pool="p_1", queue_id="q-1", log_poll_s=0.05),
                                       presign=fake_presign, client=client)
 

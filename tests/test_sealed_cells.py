@@ -91,32 +91,45 @@ def pg_addresses(docker_client: docker.DockerClient, db_url: str) -> list[list[A
     return targets
 
 
+def run_probe(queue: PostgresQueue, start_dispatcher: Any, runtime: Any, listener: Listener,
+              **params: Any) -> tuple[Any, dict[str, Any]]:
+    """One escape probe through a real dispatcher on `runtime`: the job as it ended, and the probe's report."""
+    try:
+        job = probe(queue, **params)
+        start_dispatcher(rt=runtime)
+        [j] = wait_final(queue, [job])
+        return j, report(queue, job)
+    finally:
+        listener.close()
+
+
+def assert_sealed(job: Any, got: dict[str, Any], listener: Listener) -> None:
+    """What every runtime's cell must have failed at, seen from inside (its report) and outside (the listener)."""
+    assert job.state.value == "succeeded", job.reason
+    assert listener.accepted == []
+    assert all(r.startswith("refused") for r in got["tcp"].values()), got["tcp"]
+    assert got["secrets_seen"] == []
+    assert not [k for k in got["env_names"] if any(w in k for w in ("DATABASE", "KEY", "SECRET", "AWS", "TOKEN"))]
+    assert all(not r.startswith(("read", "listed")) for r in got["read"].values()), got["read"]
+    assert all(r.startswith("denied") for r in got["write"].values()), got["write"]
+    assert got["scratch_fill_mib"] <= 16  # its cap, not the host's disk
+
+
 def test_a_docker_cell_reaches_nothing(queue, start_dispatcher, docker_client, pool, db_url, bridge, tmp_path):
     listener = Listener(bridge)
     other = LocalStore(str(tmp_path / "store")).put(str(CORPUS / "ocrmypdf-linn.png"))[0]
     runtime = DockerRuntime(DockerOptions(image="jobcell-job:dev", pool=pool, queue_id=queue.queue_id(),
                                           scratch_size="16m", pids_limit=64), client=docker_client)
-    try:
-        job = probe(queue, secrets=[SECRET, db_url], tcp=[[bridge, listener.port], ["127.0.0.1", listener.port],
-                                                          *pg_addresses(docker_client, db_url)],
-                    dns=["postgres", "host.docker.internal"],
-                    read=["/store", "/var/run/docker.sock", f"/store/{other.removeprefix('store:')}",
-                          str(tmp_path / "store")],
-                    write=["/etc/jobcell", "/app/jobcell", "/jobcell", "/home/jobcell"], fill_mib=64, forks=200)
-        start_dispatcher(rt=runtime)
-        [j] = wait_final(queue, [job])
-        got = report(queue, job)
-    finally:
-        listener.close()
-    assert j.state.value == "succeeded", j.reason
-    assert listener.accepted == []
-    assert all(r.startswith("refused") for r in got["tcp"].values()), got["tcp"]
+    j, got = run_probe(queue, start_dispatcher, runtime, listener, secrets=[SECRET, db_url],
+                       tcp=[[bridge, listener.port], ["127.0.0.1", listener.port],
+                            *pg_addresses(docker_client, db_url)],
+                       dns=["postgres", "host.docker.internal"],
+                       read=["/store", "/var/run/docker.sock", f"/store/{other.removeprefix('store:')}",
+                             str(tmp_path / "store")],
+                       write=["/etc/jobcell", "/app/jobcell", "/jobcell", "/home/jobcell"], fill_mib=64, forks=200)
+    assert_sealed(j, got, listener)
     assert all(r.startswith("failed") for r in got["dns"].values()), got["dns"]
-    assert got["secrets_seen"] == [] and got["uid"] != 0
-    assert not [k for k in got["env_names"] if "DATABASE" in k or "KEY" in k or "SECRET" in k or "AWS" in k]
-    assert all(not r.startswith(("read", "listed")) for r in got["read"].values()), got["read"]
-    assert all(r.startswith("denied") for r in got["write"].values()), got["write"]
-    assert got["scratch_fill_mib"] <= 16  # the tmpfs cap, not the host's disk
+    assert got["uid"] != 0
     assert got["exec_from_scratch"].startswith("denied")  # noexec
     assert got["forks"] < 64
 
@@ -131,25 +144,13 @@ def test_a_process_cell_reaches_nothing(queue, start_dispatcher, docker_client, 
                                             queue_id=queue.queue_id(), scratch_bytes=16 * 1024 * 1024,
                                             pids_limit=64), documents=store.open)
     assert runtime.sealed, "the suite runs as root: the process runtime must seal its cells"
-    try:
-        job = probe(queue, secrets=[SECRET, db_url], tcp=[["127.0.0.1", listener.port],
-                                                          *pg_addresses(docker_client, db_url)],
-                    read=[str(tmp_path / "store" / other.removeprefix("store:")), str(tmp_path / "units"),
-                          "/proc/1/environ"],
-                    write=[str(tmp_path / "jobcell"), "/etc/jobcell"], fill_mib=64, forks=200)
-        start_dispatcher(rt=runtime)
-        [j] = wait_final(queue, [job])
-        got = report(queue, job)
-    finally:
-        listener.close()
-    assert j.state.value == "succeeded", j.reason
-    assert listener.accepted == []
-    assert all(r.startswith("refused") for r in got["tcp"].values()), got["tcp"]
-    assert got["secrets_seen"] == [] and got["uid"] >= 200_000
-    assert "JOBCELL_TEST_SECRET" not in got["env_names"] and "JOBCELL_DATABASE_URL" not in got["env_names"]
-    assert all(not r.startswith(("read", "listed")) for r in got["read"].values()), got["read"]
-    assert all(r.startswith("denied") for r in got["write"].values()), got["write"]
-    assert got["scratch_fill_mib"] <= 16
+    j, got = run_probe(queue, start_dispatcher, runtime, listener, secrets=[SECRET, db_url],
+                       tcp=[["127.0.0.1", listener.port], *pg_addresses(docker_client, db_url)],
+                       read=[str(tmp_path / "store" / other.removeprefix("store:")), str(tmp_path / "units"),
+                             "/proc/1/environ"],
+                       write=[str(tmp_path / "jobcell"), "/etc/jobcell"], fill_mib=64, forks=200)
+    assert_sealed(j, got, listener)
+    assert got["uid"] >= 200_000 and "JOBCELL_TEST_SECRET" not in got["env_names"]
     assert got["forks"] < 64
 
 
