@@ -49,7 +49,22 @@ else
   log "docker engine: ready"
 fi
 
-if [[ $(docker info -f '{{.LiveRestoreEnabled}}' 2>/dev/null) != true ]]; then
+live_restore() { [[ $(docker info -f '{{.LiveRestoreEnabled}}' 2>/dev/null) == true ]]; }
+if ! live_restore && [[ $(id -u) -eq 0 ]] && pgrep -x dockerd >/dev/null && ! grep -qs '"live-restore"' /etc/docker/daemon.json; then
+  # An engine of this machine's: live-restore is one of the settings dockerd reloads on SIGHUP.
+  log "enabling live-restore in /etc/docker/daemon.json (reloaded, no restart)"
+  mkdir -p /etc/docker
+  python3 - <<'PY'
+import json, pathlib
+p = pathlib.Path("/etc/docker/daemon.json")
+conf = json.loads(p.read_text() or "{}") if p.exists() else {}
+conf["live-restore"] = True
+p.write_text(json.dumps(conf, indent=2) + "\n")
+PY
+  pkill -HUP -x dockerd
+  for _ in $(seq 10); do live_restore && break; sleep 0.5; done
+fi
+if ! live_restore; then
   log "WARNING: this Docker engine runs without live-restore: an engine restart kills running jobs (they are"
   log "  retried as lost). Enable it: {\"live-restore\": true} in /etc/docker/daemon.json, then reload dockerd."
 fi
