@@ -128,13 +128,29 @@ def runtime(docker_client: docker.DockerClient, job_image: str, pool: str, queue
                                        stats_every_s=0.5), client=docker_client)
 
 
-@pytest.fixture(params=["docker", "process", "kubernetes", "render"])
+INFRA = {"docker_client", "pg_server", "db_url", "queue", "job_image", "runtime", "any_runtime", "pool", "docs",
+         "stack", "start_dispatcher", "any_queue"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs no engine, no database and no image is a unit test: `pytest -m unit` runs them alone."""
+    for item in items:
+        if not INFRA & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(params=["docker", "process", "kubernetes", "render", "memory"])
 def any_runtime(request: pytest.FixtureRequest, pool: str, queue: PostgresQueue, tmp_path: Path) -> Iterator[Runtime]:
     """Every runtime; the behaviour suite runs once per runtime. Docker and process run for real; Kubernetes and
-    Render against local API servers answering with documented payloads (tests/fake_kubernetes.py, fake_render.py)."""
+    Render against local API servers answering with documented payloads (tests/fake_kubernetes.py, fake_render.py);
+    the in-memory runtime (dispatcher/memory.py) plays the diagnostic workload, so that it means the same."""
     rt: Runtime
     if request.param == "docker":
         rt = request.getfixturevalue("runtime")
+    elif request.param == "memory":
+        from dispatcher.memory import MemoryRuntime
+
+        rt = MemoryRuntime(pool=pool)
     elif request.param == "process":
         rt = ProcessRuntime(ProcessOptions(state_root=str(tmp_path / "units"), pool=pool, queue_id=queue.queue_id()))
     elif request.param == "render":

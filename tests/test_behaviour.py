@@ -11,7 +11,7 @@ from dispatcher.queue import PostgresQueue
 from .conftest import TEST_CLASSES, diag, sql, wait_final, wait_for
 
 # Render's API exposes neither a job's logs nor its memory: no reason line and no peak to read there.
-SEES_LOGS = {"docker", "process", "kubernetes"}
+SEES_LOGS = {"docker", "process", "kubernetes", "memory"}
 
 
 def outcomes(queue: PostgresQueue, job_id: int) -> list[tuple[str, str, int | None]]:
