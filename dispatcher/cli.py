@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from jobcell import Client, __version__
+
 from .classes import SizeClassTable, format_bytes
 from .errors import JobcellError, NotFound
 from .models import JobState, NewJob
 from .queue import PostgresQueue
 from .settings import Settings, load_settings
-from .wiring import build_dispatcher, build_manifests, build_queue, build_store
+from .wiring import build_dispatcher, build_manifests, build_queue
 
 log = logging.getLogger("jobcell")
 
@@ -89,36 +91,27 @@ def cmd_submit(s: Settings, a: argparse.Namespace) -> int:
     if a.lang and not re.fullmatch(r"[A-Za-z_]+(\+[A-Za-z_]+)*", a.lang):
         raise JobcellError(f"--lang {a.lang!r}: expected tesseract language codes such as eng or eng+deu")
     q = build_queue(s)
-    ids = []
-    sources = [f"diag:{a.diag}"] if a.diag is not None else a.paths
-    if not sources:
+    if a.diag is not None:
+        job_id, _ = q.submit(_diag_job(a, table))
+        print(f"job {job_id}: diag:{a.diag}")
+        return _wait(q, [job_id]) if a.wait else 0
+    if not a.paths:
         raise JobcellError("nothing to submit: give one or more paths (or s3:// URIs), or --diag")
-    store = build_store(s) if a.diag is None else None
-    for src in sources:
-        job = _new_job(src, a, table, store)
-        job_id, created = q.submit(job)
-        ids.append(job_id)
-        cls = job.size_class
-        print(f"job {job_id}: {src} ({format_bytes(job.document_bytes)}, {cls})"
-              + ("" if created else " already submitted"))
+    client = Client(s, queue=q)
+    ids = []
+    for src in a.paths:
+        job = client.submit(src, size_class=a.size_class, priority=a.priority, lang=a.lang,
+                            max_attempts=a.max_attempts, force=a.force)
+        ids.append(job.id)
+        print(f"job {job.id}: {src} ({job.size_class})" + ("" if job.new else f" already submitted: {job.state}"
+                                                           " (`jobcell retry` runs it again, --force makes a new job)"))
     return _wait(q, ids) if a.wait else 0
 
 
-def _new_job(src: str, a: argparse.Namespace, table: SizeClassTable, store: Any) -> NewJob:
-    if store is None:
-        params = _parse_diag(a.diag)
-        return NewJob(document_uri="diag:", document_bytes=0, unique_key=f"diag:{uuid.uuid4()}", source=src,
-                      size_class=a.size_class or table.classes[0].name, workload="diag", params=params,
-                      priority=a.priority, max_attempts=a.max_attempts)
-    if src.startswith("s3://"):
-        size, key = store.stat(src)
-        uri = src
-    else:
-        uri, size, key = store.put(src)
-    return NewJob(document_uri=uri, document_bytes=size, unique_key=key, source=src,
-                  params={"lang": a.lang} if a.lang else {},
-                  size_class=a.size_class or table.for_size(size).name, priority=a.priority,
-                  max_attempts=a.max_attempts)
+def _diag_job(a: argparse.Namespace, table: SizeClassTable) -> NewJob:
+    return NewJob(document_uri="diag:", document_bytes=0, unique_key=f"diag:{uuid.uuid4()}", source=f"diag:{a.diag}",
+                  size_class=a.size_class or table.classes[0].name, workload="diag", params=_parse_diag(a.diag),
+                  priority=a.priority, max_attempts=a.max_attempts)
 
 
 def _pages(stored: int, total: int | None) -> str:
@@ -185,6 +178,14 @@ def cmd_run(s: Settings, a: argparse.Namespace) -> int:
     if manifests is not None:
         manifests.stop()
     return 0
+
+
+def cmd_retry(s: Settings, a: argparse.Namespace) -> int:
+    client = Client(s)
+    for job_id in a.ids:
+        job = client.retry(job_id, a.max_attempts)
+        print(f"job {job_id}: queued again on {job.tier} (attempts so far {job.attempt}, up to {job.max_attempts})")
+    return _wait(client.queue, a.ids) if a.wait else 0
 
 
 def cmd_cancel(s: Settings, a: argparse.Namespace) -> int:
@@ -307,6 +308,7 @@ def _bounded(low: int, high: int) -> Any:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobcell", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"jobcell {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="create or upgrade the queue schema (idempotent)").set_defaults(fn=cmd_migrate)
     c = sub.add_parser("classes", help="print the size-class table")
@@ -318,6 +320,7 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--wait", action="store_true", help="show progress until every job ends; non-zero if any failed")
     sm.add_argument("--class", dest="size_class", help="force a size class instead of choosing by size")
     sm.add_argument("--max-attempts", type=_bounded(1, 100), default=None, help="1 to 100")
+    sm.add_argument("--force", action="store_true", help="a new job even if the same document was submitted")
     sm.add_argument("--lang", help="tesseract languages for these documents, e.g. eng+deu (default: the image's)")
     sm.add_argument("--diag", metavar="SPEC", help="a diagnostic job instead of a document: "
                     "alloc_mib=N,sleep_s=S,exit_code=C,message=TEXT")
@@ -326,6 +329,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--drain", action="store_true", help="on SIGTERM, wait for running jobs instead of leaving them")
     r.add_argument("--migrate", action="store_true", help="apply migrations first")
     r.set_defaults(fn=cmd_run)
+    rt = sub.add_parser("retry", help="run failed or cancelled jobs again, keeping their attempts")
+    rt.add_argument("ids", nargs="+", type=int)
+    rt.add_argument("--max-attempts", type=_bounded(1, 100), default=None, help="more attempts (default: "
+                    "JOBCELL_MAX_ATTEMPTS)")
+    rt.add_argument("--wait", action="store_true", help="show progress until every job ends")
+    rt.set_defaults(fn=cmd_retry)
     cn = sub.add_parser("cancel", help="cancel jobs; a running one is killed within seconds")
     cn.add_argument("ids", nargs="+", type=int)
     cn.set_defaults(fn=cmd_cancel)

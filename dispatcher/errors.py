@@ -23,3 +23,7 @@ class DocumentMissing(JobcellError):
 
 class DatabaseUnavailable(JobcellError):
     """The database cannot be used: down past the retry budget, or refusing our credentials."""
+
+
+class StateError(JobcellError):
+    """The job is not in a state that allows this (retrying a running job, say)."""

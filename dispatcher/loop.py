@@ -331,11 +331,13 @@ class Dispatcher:
             log.log(level, "job %s attempt %s: %s (exit %s, peak %s) -> %s%s", *w.key, outcome.value,
                     ended.exit_code, format_bytes(ended.peak_memory_bytes), d.state.value,
                     f": {d.reason}" if d.reason else "")
+            if w.handle:
+                self.runtime.cleanup(w.handle)
         else:
-            log.warning("job %s attempt %s: ended as %s but the lease was no longer ours; result dropped",
+            # Not ours any more: whoever owns the job now reads this unit's end itself; reconcile removes it
+            # if no running attempt is its own. Removing it here would make the owner record it lost.
+            log.warning("job %s attempt %s: ended as %s but the lease was no longer ours; left to its owner",
                         *w.key, outcome.value)
-        if w.handle:
-            self.runtime.cleanup(w.handle)
         self.watched.pop(w.key, None)
 
     @staticmethod

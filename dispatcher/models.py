@@ -109,6 +109,8 @@ class Job:
     memory_limit_bytes: int | None = None
     pool: str | None = None
     source: str | None = None  # what the user submitted (a path or URI)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    pages_total: int | None = None  # as the running (or last) attempt's cell declared it
 
 
 @dataclass(frozen=True)
@@ -131,3 +133,4 @@ class NewJob:
     priority: int = 0
     max_attempts: int = 5
     source: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # the caller's own (a tenant, an upload id)

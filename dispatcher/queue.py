@@ -16,7 +16,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_never,
 from job_image.contract import PageResult
 
 from .classes import Admission, SizeClassTable
-from .errors import ConfigError, DatabaseUnavailable, NotFound
+from .errors import ConfigError, DatabaseUnavailable, NotFound, StateError
 from .models import Job, JobState, KillReason, LaunchSpec, NewJob, Outcome, Running
 from .ports import Claimed, Finish
 from .sql import migrations, query
@@ -24,7 +24,8 @@ from .sql import migrations, query
 log = logging.getLogger("jobcell.queue")
 T = TypeVar("T")
 Row = dict[str, Any]
-NOTIFY_CHANNEL = "jobcell_jobs"
+NOTIFY_CHANNEL = "jobcell_jobs"  # dispatchers: new work or a cancel (a hint)
+EVENTS_CHANNEL = "jobcell_events"  # applications: every state change, {"job", "state", "attempt", "tier"}
 
 
 def job_from_row(row: Row) -> Job:
@@ -35,7 +36,8 @@ def job_from_row(row: Row) -> Job:
         max_attempts=row["max_attempts"], scheduled_at=row["scheduled_at"], created_at=row["created_at"],
         cancel_requested=row["cancel_requested"], lease_owner=row["lease_owner"],
         lease_expires_at=row["lease_expires_at"], reason=row["reason"], finished_at=row["finished_at"],
-        memory_limit_bytes=row["memory_limit_bytes"], pool=row["pool"], source=row.get("source"))
+        memory_limit_bytes=row["memory_limit_bytes"], pool=row["pool"], source=row.get("source"),
+        metadata=row.get("metadata") or {}, pages_total=row.get("pages_total"))
 
 
 _PERMANENT = ("28P01", "28000", "3D000")  # bad password, no such role or pg_hba entry, no such database
@@ -144,7 +146,8 @@ class PostgresQueue:
         def go(conn: psycopg.Connection[Row]) -> tuple[int, bool]:
             row = self._one(conn, "submit", unique_key=job.unique_key, document_uri=job.document_uri, source=job.source,
                             document_bytes=job.document_bytes, workload=job.workload, params=Jsonb(job.params),
-                            size_class=job.size_class, priority=job.priority, max_attempts=job.max_attempts)
+                            size_class=job.size_class, priority=job.priority, max_attempts=job.max_attempts,
+                            metadata=Jsonb(job.metadata))
             if row is not None:
                 return row["id"], True
             existing = self._one(conn, "id_by_unique_key", unique_key=job.unique_key)
@@ -277,6 +280,14 @@ class PostgresQueue:
         if row is None:
             raise NotFound(f"no job {job_id}")
         return str(row["state"])
+
+    def retry(self, job_id: int, more_attempts: int) -> Job:
+        """Run a failed or cancelled job again, keeping its history; NotFound/JobcellError otherwise."""
+        row = self._run(lambda c: self._one(c, "retry", job_id=job_id, more=more_attempts))
+        if row is None:
+            state = self.get(job_id).state.value  # NotFound for an unknown id
+            raise StateError(f"job {job_id} is {state}: only a failed or cancelled job can be retried")
+        return job_from_row(row)
 
     def get(self, job_id: int) -> Job:
         row = self._run(lambda c: self._one(c, "get", job_id=job_id))

@@ -8,7 +8,11 @@ bash scripts/setup.sh
 export TESTCONTAINERS_RYUK_DISABLED=true  # the reaper image cannot be pulled without a registry
 
 .venv/bin/ruff check .
-.venv/bin/lint-imports --no-cache
+# import contracts (pyproject.toml): the verdict only, or all of it when a contract breaks
+contracts=$(.venv/bin/lint-imports --no-cache 2>&1) || { echo "$contracts"; exit 1; }
+echo "$contracts" | tail -n 1
+.venv/bin/deptry . 2>&1 | tail -n 1  # every import declared, nothing declared unused
+[[ ${PIPESTATUS[0]} -eq 0 ]] || { .venv/bin/deptry .; exit 1; }
 .venv/bin/mypy
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider "$@"

@@ -200,3 +200,22 @@ def test_a_broken_pipe_is_quiet(cli_env, queue):
                          f"{sys.executable} -m dispatcher.cli status | head -1", shell=True, cwd=ROOT, env=cli_env,
                          text=True, capture_output=True, timeout=60)
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
+def test_version_and_retry_from_the_command_line(cli_env, queue, tmp_path):
+    from jobcell import __version__
+
+    assert jobcell("--version").stdout.strip() == f"jobcell {__version__}"
+    notes = tmp_path / "notes.pdf"
+    notes.write_text("just some text, named .pdf")
+    out = jobcell("submit", str(notes), env=cli_env)
+    job_id = int(out.stdout.split()[1].rstrip(":"))
+    refused = jobcell("retry", str(job_id), env=cli_env)
+    assert refused.returncode == 2 and "is queued: only a failed or cancelled job can be retried" in refused.stderr
+    assert jobcell("cancel", str(job_id), env=cli_env).returncode == 0
+    again = jobcell("retry", str(job_id), env=cli_env)
+    assert again.returncode == 0 and "queued again" in again.stdout, again.stderr
+    assert queue.get(job_id).state is JobState.QUEUED
+    dup = jobcell("submit", str(notes), env=cli_env)
+    assert f"job {job_id}:" in dup.stdout and "already submitted" in dup.stdout
+    assert f"job {job_id}:" not in jobcell("submit", "--force", str(notes), env=cli_env).stdout

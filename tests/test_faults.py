@@ -3,6 +3,8 @@ started, names shared by two deployments on one engine, and a SIGKILL that no OO
 
 from __future__ import annotations
 
+import time
+
 import docker
 import pytest
 from docker.errors import APIError
@@ -125,3 +127,50 @@ def test_a_large_job_that_waited_is_not_starved_by_a_stream_of_small_ones(db_url
                     " finished_at = now() WHERE id = %s", job_id)
     assert [c.job.id for c in q.claim("me", "p", budget, 8)] == [large]
     q.close()
+
+
+def test_a_dispatcher_that_lost_its_lease_leaves_the_unit_to_its_new_owner(queue, start_dispatcher, db_url, pool,
+                                                                          docker_client):
+    """The owner is cut off past its lease; another adopts the running unit. The first, back, must not kill it:
+    the job succeeds on its first attempt, recorded by the adopter."""
+    job = diag(queue, alloc_mib=10, sleep_s=6)
+    first = start_dispatcher(owner="first")
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["started_at"], what="a started unit")
+    first.d.heartbeat = lambda: None  # type: ignore[method-assign]  # "paused": it renews nothing
+    sql(db_url, "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", job)
+    start_dispatcher(owner="second")
+    wait_for(lambda: queue.get(job).lease_owner == "second", what="adoption by the second dispatcher")
+    del first.d.heartbeat  # "resumed": it finds its lease gone
+    [j] = wait_final(queue, [job], timeout=60)
+    [attempt] = queue.attempts(job)
+    assert j.state is JobState.SUCCEEDED and (attempt["outcome"], attempt["dispatcher"]) == ("succeeded", "second")
+
+
+def test_a_class_renamed_while_its_job_runs_is_adopted_not_a_crash(queue, start_dispatcher, pool):
+    from dispatcher.classes import load_table
+
+    from .conftest import TEST_CLASSES
+
+    job = diag(queue, sleep_s=4)
+    first = start_dispatcher(owner="first")
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["started_at"], what="a started unit")
+    first.stop()  # leaves the unit, releases the lease
+    renamed = load_table([dict(c, name="tiny") if c["name"] == "small" else c for c in TEST_CLASSES])
+    start_dispatcher(owner="second", classes=renamed)
+    [j] = wait_final(queue, [job], timeout=60)
+    assert j.state is JobState.SUCCEEDED and [a["outcome"] for a in queue.attempts(job)] == ["succeeded"]
+
+
+def test_an_adopted_attempt_lasts_as_long_as_its_unit_ran(queue, start_dispatcher, pool):
+    """Not as long as the dispatcher was away: the runtime's own start and finish times."""
+    job = diag(queue, sleep_s=2)
+    first = start_dispatcher(owner="first")
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["started_at"], what="a started unit")
+    first.stop()
+
+
+    time.sleep(8)  # the unit ends while no dispatcher watches
+    start_dispatcher(owner="second")
+    wait_final(queue, [job], timeout=60)
+    [attempt] = queue.attempts(job)
+    assert attempt["outcome"] == "succeeded" and 1.5 < attempt["duration_s"] < 6, attempt["duration_s"]

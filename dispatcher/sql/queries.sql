@@ -2,9 +2,9 @@
 
 -- name: submit
 INSERT INTO jobs (unique_key, document_uri, source, document_bytes, workload, params, size_class, tier, priority,
-                  max_attempts)
+                  max_attempts, metadata)
 VALUES (%(unique_key)s, %(document_uri)s, %(source)s, %(document_bytes)s, %(workload)s, %(params)s, %(size_class)s,
-        %(size_class)s, %(priority)s, %(max_attempts)s)
+        %(size_class)s, %(priority)s, %(max_attempts)s, %(metadata)s)
 ON CONFLICT (unique_key) DO NOTHING
 RETURNING id;
 
@@ -213,3 +213,11 @@ WHERE job_id = %(job_id)s;
 -- name: progress
 SELECT j.id, j.pages_total, (SELECT count(*) FROM document_pages p WHERE p.job_id = j.id) AS pages_stored
 FROM jobs j WHERE j.id = ANY(%(ids)s);
+
+-- name: retry
+-- A failed or cancelled job runs again, keeping its attempts: it gets as many more as it had.
+UPDATE jobs
+SET state = 'queued', reason = NULL, finished_at = NULL, cancel_requested = false, scheduled_at = now(),
+    max_attempts = attempt + %(more)s, updated_at = now()
+WHERE id = %(job_id)s AND state IN ('failed', 'cancelled')
+RETURNING *;
