@@ -187,11 +187,16 @@ def test_another_queue_sharing_the_pool_name_leaves_our_containers_alone(queue, 
 
 def test_a_container_whose_job_moved_on_is_removed(queue, runtime, start_dispatcher, docker_client, pool):
     from dispatcher.models import LaunchSpec
+    from dispatcher.ports import CellInput
+    from job_image.contract import Header
 
     job = diag(queue, sleep_s=60)
     assert queue.cancel(job) == "cancelled"
     # a container for that job's first attempt, as a dispatcher that died mid-launch might have left it
-    runtime.launch(LaunchSpec(job, 1, "small", 64 * MIB, 60, "diag:", "diag", {"sleep_s": 60}))
+    header = Header(job_id=job, attempt=1, tier="small", memory_limit_bytes=64 * MIB, workload="diag",
+                    params={"sleep_s": 60})
+    runtime.launch(LaunchSpec(job, 1, "small", 64 * MIB, 60, "diag:", "diag", {"sleep_s": 60}),
+                   CellInput(header, "diag:"))
     assert len(running_containers(docker_client, pool)) == 1
     start_dispatcher()
     wait_for(lambda: not pool_containers(docker_client, pool), 20,

@@ -25,11 +25,15 @@ def test_without_a_cgroup_rlimit_as_caps_the_job_and_reads_as_oom(queue, start_d
 
 def test_units_live_on_disk_and_a_second_launch_of_an_attempt_is_refused(queue, pool, tmp_path: Path):
     from dispatcher.models import LaunchSpec
+    from dispatcher.ports import CellInput
+    from job_image.contract import Header
 
     rt = ProcessRuntime(ProcessOptions(state_root=str(tmp_path / "units"), pool=pool, queue_id="q"))
     spec = LaunchSpec(7, 1, "small", 64 * MIB, 60, "diag:", "diag", {"sleep_s": 2})
-    h = rt.launch(spec)
-    again = rt.launch(spec)
+    cell = CellInput(Header(job_id=7, attempt=1, tier="small", memory_limit_bytes=64 * MIB, workload="diag",
+                            params={"sleep_s": 2}), "diag:")
+    h = rt.launch(spec, cell)
+    again = rt.launch(spec, cell)
     assert again == h and len(rt.owned()) == 1
     assert (Path(h.ref) / "pid").exists()
     # a fresh runtime object (a restarted dispatcher) finds the unit and reads its exit from disk
