@@ -195,6 +195,9 @@ class Dispatcher:
                         chunk, skip = chunk[taken:], skip - taken
                     if chunk:
                         reader.feed(chunk)
+                if self.runtime.poll(handle) is None:
+                    # the stream ended but the unit runs on: the engine restarted, a proxy dropped us
+                    raise ConnectionError("its output stream ended while it still runs")
                 reader.feed_all(())
                 return
             except Refused as e:

@@ -336,9 +336,14 @@ class MemoryRuntime:
         return self.units[ref].handle
 
     def output(self, handle: Handle) -> Iterator[bytes]:
+        """All of its output at once, then (as a real unit's stream) open until the unit ends."""
         unit = self.units.get(handle.ref)
-        if unit is not None and unit.script.output:
+        if unit is None:
+            return
+        if unit.script.output:
             yield unit.script.output
+        while not unit.killed and self.clock() - unit.started < unit.script.runs_s and handle.ref in self.units:
+            time.sleep(0.01)
 
     def poll(self, handle: Handle) -> Exit | None:
         unit = self.units.get(handle.ref)

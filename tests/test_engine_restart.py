@@ -25,10 +25,10 @@ def engine_is_ours() -> bool:
         ["pgrep", "-x", "dockerd"], capture_output=True, check=False).returncode == 0
 
 
-def engine_up(client: docker.DockerClient) -> bool:
+def engine_up() -> bool:
     try:
-        return bool(client.ping())
-    except Exception:
+        return bool(docker.from_env(timeout=5).ping())
+    except docker.errors.DockerException:
         return False
 
 
@@ -39,12 +39,12 @@ def test_a_cell_keeps_running_across_an_engine_restart(queue, start_dispatcher, 
     start_dispatcher()
     [cell] = wait_for(lambda: pool_containers(docker_client, pool, running_only=True), what="a running cell")
     subprocess.run(["pkill", "-TERM", "-x", "dockerd"], check=True)
-    wait_for(lambda: not engine_up(docker.from_env(timeout=5)), timeout=60, what="the engine to stop")
+    wait_for(lambda: not engine_up(), timeout=60, what="the engine to stop")
     time.sleep(3)  # the engine stays down a while; the cell does not notice
     started = subprocess.run(["bash", "scripts/ensure-docker.sh"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120, check=False)
     assert started.returncode == 0, started.stdout + started.stderr
-    wait_for(lambda: engine_up(docker.from_env(timeout=5)), timeout=60, what="the engine to return")
+    wait_for(lambda: engine_up(), timeout=60, what="the engine to return")
     [j] = wait_final(queue, [job], timeout=120)
     assert j.state is JobState.SUCCEEDED, j.reason
     [attempt] = queue.attempts(job)
