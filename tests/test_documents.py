@@ -200,6 +200,8 @@ def test_an_oom_part_way_resumes_at_the_first_missing_page(docs, tmp_path, docke
     [job] = wait_final(q, [job_id], timeout=600)
     assert job.state is JobState.SUCCEEDED, job.reason
     assert [(a["tier"], a["outcome"]) for a in q.attempts(job_id)] == [("small", "oom"), ("medium", "succeeded")]
+    # whichever process the cgroup killed (pdftoppm, tesseract, python), it is memory, never "cannot be rendered"
+    assert "cannot be rendered" not in (q.attempts(job_id)[0]["error"] or "")
     # every page exactly once; the first four were kept from the OOM-killed attempt, only page 5 was redone
     assert [(p["page"], p["attempt"]) for p in q.pages(job_id)] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2)]
 
