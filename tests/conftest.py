@@ -79,13 +79,29 @@ def pg_server(docker_client: docker.DockerClient) -> Iterator[str]:
         yield pg.get_connection_url()
 
 
+@pytest.fixture(scope="session")
+def migrated_template(pg_server: str) -> str:
+    """One database migrated once; every test's database is a copy of it (CREATE DATABASE ... TEMPLATE)."""
+    from dispatcher.classes import DEFAULT_TABLE
+
+    with psycopg.connect(pg_server, autocommit=True) as c:
+        c.execute('DROP DATABASE IF EXISTS "jobcell_template"')
+        c.execute('CREATE DATABASE "jobcell_template"')
+    q = PostgresQueue(pg_server.rsplit("/", 1)[0] + "/jobcell_template", load_table(DEFAULT_TABLE))
+    q.migrate()
+    q.close()
+    return "jobcell_template"
+
+
 @pytest.fixture
-def db_url(pg_server: str) -> Iterator[str]:
-    """A fresh database per test: no test sees another's jobs."""
+def db_url(pg_server: str, migrated_template: str) -> Iterator[str]:
+    """A fresh, migrated database per test: no test sees another's jobs, and each queue has its own identity."""
     name = "t_" + uuid.uuid4().hex[:12]
     with psycopg.connect(pg_server, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
+        c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{migrated_template}"')
     url = pg_server.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("UPDATE jobcell_meta SET value = gen_random_uuid()::text WHERE key = 'queue_id'")
     yield url
     with psycopg.connect(pg_server, autocommit=True) as c:
         c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -25,10 +25,19 @@ def cli_env(db_url: str, tmp_path: Path, pool: str) -> dict[str, str]:
                 JOBCELL_STORE_DIR=str(tmp_path / "store"), JOBCELL_POOL=pool)
 
 
-def test_migrate_is_idempotent(cli_env):
-    first = jobcell("migrate", env=cli_env)
-    assert first.returncode == 0 and "applied: 0001_queue.sql, 0002_pages.sql, 0003_sealed_cells.sql" in first.stdout
-    again = jobcell("migrate", env=cli_env)
+def test_migrate_is_idempotent(cli_env, pg_server):
+    import uuid
+
+    import psycopg
+
+    empty = "e_" + uuid.uuid4().hex[:12]  # not a copy of the migrated template: nothing applied yet
+    with psycopg.connect(pg_server, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{empty}"')
+    env = dict(cli_env, JOBCELL_DATABASE_URL=pg_server.rsplit("/", 1)[0] + "/" + empty)
+    first = jobcell("migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "applied: 0001_queue.sql, 0002_pages.sql, 0003_sealed_cells.sql, 0004_client.sql" in first.stdout
+    again = jobcell("migrate", env=env)
     assert again.returncode == 0 and "up to date" in again.stdout
 
 
