@@ -21,7 +21,20 @@ def pg_image() -> str:
     return marker.read_text().strip() if marker.exists() else "postgres:16"
 
 
-def _free_port() -> int:
+def wait_db(url: str, timeout: float = 60) -> None:
+    """Until Postgres at `url` takes connections (it is starting, or restarting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            psycopg.connect(url, connect_timeout=2).close()
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -29,22 +42,14 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def postgres(client: docker.DockerClient) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     c = client.containers.run(pg_image(), detach=True, remove=True, ports={"5432/tcp": ("127.0.0.1", port)},
                               environment={"POSTGRES_USER": "bench", "POSTGRES_PASSWORD": "bench",
                                            "POSTGRES_DB": "bench"},
                               command=["postgres", "-c", "fsync=off"], labels={"jobcell.bench": "1"})
     url = f"postgresql://bench:bench@127.0.0.1:{port}/bench"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                psycopg.connect(url, connect_timeout=2).close()
-                break
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        wait_db(url)
         yield url
     finally:
         c.remove(force=True)

@@ -17,7 +17,6 @@ import collections
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,31 +28,13 @@ from typing import Any
 import docker
 import psycopg
 
-from ._support import ROOT, pg_image
+from ._support import ROOT, free_port, pg_image, wait_db
 
 CORPUS = ROOT.parent / "shared" / "corpus"
 CLASSES = ('[{"name": "small", "max_input_bytes": "5MB", "memory_limit_bytes": "128MiB", "max_running": 4,'
            ' "timeout_s": 300}, {"name": "medium", "memory_limit_bytes": "384MiB", "max_running": 2,'
            ' "timeout_s": 300}]')
 LEASE_TTL_S = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_db(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            psycopg.connect(url, connect_timeout=2).close()
-            return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 class Dispatcher:
