@@ -183,7 +183,7 @@ class Dispatcher:
     def _follow(self, w: Watched) -> None:
         reader, handle = w.reader, w.handle
         assert reader is not None and handle is not None
-        failures = 0
+        failures, last_look = 0, False
         while True:
             try:
                 skip = reader.consumed  # a stream read again starts from its first byte
@@ -198,6 +198,12 @@ class Dispatcher:
                 if self.runtime.poll(handle) is None:
                     # the stream ended but the unit runs on: the engine restarted, a proxy dropped us
                     raise ConnectionError("its output stream ended while it still runs")
+                if not reader.done and not last_look:
+                    # Ended without its done record: one more read after a moment, for what an engine that
+                    # was away (live-restore) copies from the unit's pipe into its log only now.
+                    last_look = True
+                    self.stopping.wait(1.0)
+                    continue
                 reader.feed_all(())
                 return
             except Refused as e:
