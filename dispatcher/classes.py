@@ -16,7 +16,7 @@ from .models import MIB, Running
 
 _UNITS = {"b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": MIB, "mb": 1000**2, "mib": MIB,
           "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
-_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600}
+_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
 
 def parse_bytes(value: Any) -> int:
@@ -32,7 +32,7 @@ def parse_bytes(value: Any) -> int:
 
 
 def parse_seconds(value: Any) -> float:
-    """'10min', '90s', '1h', 600 -> seconds."""
+    """'10min', '90s', '1h', '30d', 600 -> seconds."""
     if isinstance(value, int | float):
         return float(value)
     text = str(value).strip().lower().replace(" ", "")

@@ -17,12 +17,12 @@ from typing import Any
 
 from jobcell import Client, __version__
 
-from .classes import SizeClassTable, format_bytes
+from .classes import SizeClassTable, format_bytes, parse_seconds
 from .errors import JobcellError, NotFound
 from .models import JobState, NewJob
 from .queue import PostgresQueue
 from .settings import Settings, load_settings
-from .wiring import build_dispatcher, build_manifests, build_queue
+from .wiring import build_dispatcher, build_manifests, build_queue, build_store
 
 log = logging.getLogger("jobcell")
 
@@ -267,6 +267,27 @@ def cmd_show(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(s: Settings, a: argparse.Namespace) -> int:
+    try:
+        age_s = parse_seconds(a.older_than)
+    except ValueError as e:
+        raise JobcellError(f"--older-than: {e}") from None
+    q = build_queue(s)
+    old = q.prunable(age_s)
+    pages, attempts = sum(r["pages"] for r in old), sum(r["attempts"] for r in old)
+    what = f"{len(old)} finished job(s) older than {a.older_than}: {attempts} attempt(s), {pages} page(s)"
+    if not a.yes:
+        print(f"would delete {what}, and their stored documents no other job uses (dry run: add --yes)")
+        return 0
+    ids, documents = q.prune([r["id"] for r in old], age_s)
+    store = build_store(s)
+    for uri in documents:
+        store.delete(uri)
+    print(f"deleted {len(ids)} job(s) with their attempts, pages and results, and {len(documents)} stored "
+          "document(s)")
+    return 0
+
+
 def cmd_export(s: Settings, a: argparse.Namespace) -> int:
     q = build_queue(s)
     j = q.get(a.id)
@@ -347,6 +368,10 @@ def parser() -> argparse.ArgumentParser:
     sh.add_argument("id", type=int)
     sh.add_argument("--text", action="store_true", help="print the OCR text page by page instead")
     sh.set_defaults(fn=cmd_show)
+    pr = sub.add_parser("prune", help="delete finished jobs older than a cutoff, with their pages and documents")
+    pr.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
+    pr.add_argument("--yes", action="store_true", help="delete (without it: a dry run that only counts)")
+    pr.set_defaults(fn=cmd_prune)
     ex = sub.add_parser("export", help="a job's result as JSON: pages, words with boxes and confidences, manifest")
     ex.add_argument("id", type=int)
     ex.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")

@@ -150,6 +150,9 @@ class DocumentStore(Protocol):
     def presign(self, uri: str, ttl_s: int) -> str:
         """A GET URL for this one document that expires in ttl_s (runtimes that cannot stream stdin)."""
 
+    def delete(self, uri: str) -> None:
+        """Remove a stored document (retention); one the store did not store itself is left alone."""
+
     def put(self, path: str) -> tuple[str, int, str]:
         """Store a local file; (uri the job fetches, size in bytes, unique key)."""
 

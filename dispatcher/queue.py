@@ -325,6 +325,22 @@ class PostgresQueue:
                                       manifest=None if manifest is None else Jsonb(manifest), error=error,
                                       delay_s=retry_in_s))
 
+    # -- retention --------------------------------------------------------------------------------------
+
+    def prunable(self, age_s: float) -> list[Row]:
+        """Finished jobs older than age_s: id, document_uri, pages, attempts."""
+        return self._run(lambda c: self._all(c, "prunable", age_s=age_s))
+
+    def prune(self, ids: Sequence[int], age_s: float) -> tuple[list[int], list[str]]:
+        """Delete those jobs (re-checked: still finished and old) with everything of theirs; the ids deleted,
+        and the document URIs no remaining job refers to (the caller removes them from the store)."""
+        def go(conn: psycopg.Connection[Row]) -> tuple[list[int], list[str]]:
+            gone = self._all(conn, "prune", ids=list(ids), age_s=age_s)
+            uris = sorted({r["document_uri"] for r in gone})
+            kept = {r["document_uri"] for r in self._all(conn, "documents_in_use", uris=uris)}
+            return [r["id"] for r in gone], [u for u in uris if u not in kept]
+        return self._run(go)
+
     # -- reads for the CLI ----------------------------------------------------------------------------
 
     def jobs(self, ids: Sequence[int]) -> list[Job]:

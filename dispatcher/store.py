@@ -64,6 +64,11 @@ class LocalStore:
             raise DocumentMissing(f"{uri} does not exist in the store") from None
         return f, os.fstat(f.fileno()).st_size
 
+    def delete(self, uri: str) -> None:
+        name = uri.removeprefix(STORE_SCHEME)
+        if uri.startswith(STORE_SCHEME) and "/" not in name and not name.startswith("."):
+            (self.root / name).unlink(missing_ok=True)
+
     def presign(self, uri: str, ttl_s: int) -> str:
         raise SubmitError(f"{uri}: the local store cannot hand out URLs; runtimes without stdin need S3 "
                           "(set JOBCELL_S3_BUCKET)")
@@ -102,6 +107,11 @@ class S3Store:
         except self.s3.exceptions.NoSuchBucket:
             raise DocumentMissing(f"{uri} does not exist (no such bucket)") from None
         return cast(BinaryIO, obj["Body"]), int(obj["ContentLength"])
+
+    def delete(self, uri: str) -> None:
+        bucket, key = _split(uri)
+        if bucket == self.bucket and key.startswith(self.prefix):  # only what we stored, never a user's object
+            self.s3.delete_object(Bucket=bucket, Key=key)
 
     def presign(self, uri: str, ttl_s: int) -> str:
         bucket, key = _split(uri)

@@ -228,3 +228,39 @@ def test_version_and_retry_from_the_command_line(cli_env, queue, tmp_path):
     dup = jobcell("submit", str(notes), env=cli_env)
     assert f"job {job_id}:" in dup.stdout and "already submitted" in dup.stdout
     assert f"job {job_id}:" not in jobcell("submit", "--force", str(notes), env=cli_env).stdout
+
+
+def test_prune_removes_exactly_what_is_older_than_the_cutoff_and_its_dry_run_nothing(cli_env, queue, db_url,
+                                                                                       tmp_path):
+    from .conftest import sql
+
+    old_doc, new_doc, shared_doc = (tmp_path / f"{n}.pdf" for n in ("old", "new", "shared"))
+    for i, p in enumerate((old_doc, new_doc, shared_doc)):
+        p.write_bytes(b"%PDF-1.4 " + bytes([i]) * 100)
+
+    def job_of(path: Path, *extra: str) -> int:
+        return int(jobcell("submit", *extra, str(path), env=cli_env).stdout.split()[1].rstrip(":"))
+
+    old, new, running = job_of(old_doc), job_of(new_doc), job_of(tmp_path / "shared.pdf")
+    old_sharing = job_of(shared_doc, "--force")  # the same stored document as `running`
+    store = tmp_path / "store"
+    before = sorted(p.name for p in store.iterdir())
+    sql(db_url, "UPDATE jobs SET state = 'succeeded', finished_at = now() - interval '40 days' WHERE id = ANY(%s)",
+        [old, old_sharing])
+    sql(db_url, "UPDATE jobs SET state = 'succeeded', finished_at = now() - interval '2 days' WHERE id = %s", new)
+    sql(db_url, "UPDATE jobs SET state = 'running', lease_owner = 'd', finished_at = NULL,"
+                " updated_at = now() - interval '90 days' WHERE id = %s", running)
+    sql(db_url, "INSERT INTO document_pages (job_id, page, attempt, dpi, width, height, text, words, ocr_seconds)"
+                " VALUES (%s, 1, 1, 200, 1, 1, 'old text', '[]', 0.1)", old)
+
+    dry = jobcell("prune", "--older-than", "30d", env=cli_env)
+    assert dry.returncode == 0 and "would delete 2 finished job(s) older than 30d" in dry.stdout, dry.stderr
+    assert len(sql(db_url, "SELECT id FROM jobs")) == 4 and sorted(p.name for p in store.iterdir()) == before
+
+    done = jobcell("prune", "--older-than", "30d", "--yes", env=cli_env)
+    assert done.returncode == 0 and "deleted 2 job(s)" in done.stdout and "1 stored document(s)" in done.stdout
+    assert sorted(r[0] for r in sql(db_url, "SELECT id FROM jobs")) == sorted([new, running])
+    assert sql(db_url, "SELECT * FROM document_pages WHERE job_id = %s", old) == []
+    left = sorted(p.name for p in store.iterdir())
+    assert len(left) == 2  # the new job's document, and the one the running job still uses
+    assert jobcell("prune", "--older-than", "soon", env=cli_env).returncode == 2

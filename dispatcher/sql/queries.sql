@@ -221,3 +221,21 @@ SET state = 'queued', reason = NULL, finished_at = NULL, cancel_requested = fals
     max_attempts = attempt + %(more)s, updated_at = now()
 WHERE id = %(job_id)s AND state IN ('failed', 'cancelled')
 RETURNING *;
+
+-- name: prunable
+-- Finished jobs older than the cutoff: never one that is queued or running, whatever its age.
+SELECT j.id, j.document_uri, (SELECT count(*) FROM document_pages p WHERE p.job_id = j.id) AS pages,
+       (SELECT count(*) FROM job_attempts a WHERE a.job_id = j.id) AS attempts
+FROM jobs j
+WHERE j.state IN ('succeeded', 'failed', 'cancelled') AND j.finished_at < now() - make_interval(secs => %(age_s)s)
+ORDER BY j.id;
+
+-- name: prune
+-- Attempts, pages, results and manifests go with their job (ON DELETE CASCADE).
+DELETE FROM jobs
+WHERE id = ANY(%(ids)s) AND state IN ('succeeded', 'failed', 'cancelled')
+  AND finished_at < now() - make_interval(secs => %(age_s)s)
+RETURNING id, document_uri;
+
+-- name: documents_in_use
+SELECT DISTINCT document_uri FROM jobs WHERE document_uri = ANY(%(uris)s);
