@@ -118,11 +118,30 @@ def _pages(stored: int, total: int | None) -> str:
     return f"{stored}/{total}" if total is not None else (str(stored) if stored else "-")
 
 
+NO_DISPATCHER_S = 60.0  # four heartbeats at the default lease
+
+
+def _no_dispatcher(q: PostgresQueue) -> str | None:
+    """Why nothing will run, if no dispatcher has been seen lately."""
+    recent = [d for d in q.dispatchers() if d["silent_s"] < NO_DISPATCHER_S]
+    if recent:
+        return None
+    return ("no dispatcher has been seen in the last minute: is `jobcell run` running for this database? "
+            "(the jobs wait queued until one is)")
+
+
 def _wait(q: PostgresQueue, ids: list[int]) -> int:
     seen: dict[int, tuple[str, int]] = {}
     shown: dict[int, tuple[int, float]] = {}  # pages last printed, and when
+    checked_at, warned = time.monotonic(), False
     while True:
         jobs = q.jobs(ids)
+        if not warned and time.monotonic() - checked_at > 5 and any(not j.state.final for j in jobs):
+            checked_at = time.monotonic()
+            why = _no_dispatcher(q)
+            if why:
+                print(f"jobcell: warning: {why}", file=sys.stderr, flush=True)
+                warned = True
         progress = q.progress([j.id for j in jobs if j.state is JobState.RUNNING])
         for j in jobs:
             now = (j.state.value, j.attempt)
@@ -211,6 +230,12 @@ def cmd_status(s: Settings, a: argparse.Namespace) -> int:
     running = q.running_jobs()
     now = q.now()
     print()
+    for d in q.dispatchers():
+        if d["silent_s"] < NO_DISPATCHER_S:
+            print(f"dispatcher {d['id']}: pool {d['pool']}, {d['runtime']}, up {_ago(d['started_at'], now)}")
+    why = _no_dispatcher(q)
+    if why:
+        print(f"warning: {why}")
     if running:
         print(_table([(r["id"], r["tier"], format_bytes(r["memory_limit_bytes"]), r["attempt"],
                        _pages(r["pages_stored"], r["pages_total"]), r["pool"], r["lease_owner"],

@@ -17,7 +17,7 @@ from .classes import SizeClassTable, format_bytes
 from .errors import DocumentMissing
 from .models import Exit, Handle, Job, JobState, KillReason, LaunchSpec, Outcome
 from .outcome import Backoff, classify, decide
-from .ports import CellInput, Claimed, Completed, Finish, Queue, Runtime
+from .ports import CellInput, Claimed, Completed, Finish, Observer, Queue, Runtime, Unobserved
 
 log = logging.getLogger("jobcell.dispatcher")
 
@@ -62,8 +62,9 @@ class Watched:
 
 class Dispatcher:
     def __init__(self, queue: Queue, runtime: Runtime, table: SizeClassTable, config: LoopConfig,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, observer: Observer | None = None) -> None:
         self.queue = queue
+        self.observer = observer or Unobserved()
         self.runtime = runtime
         self.table = table
         self.cfg = config
@@ -94,6 +95,9 @@ class Dispatcher:
                 self._errors += 1
                 delay = min(30.0, 0.5 * 2 ** min(self._errors, 6)) * random.uniform(1.0, 1.25)
                 log.warning("tick failed (%s: %s); retrying in %.1f s", type(e).__name__, e, delay)
+                self.observer.ticked(False, f"{type(e).__name__}: {e}")
+            else:
+                self.observer.ticked(True)
             self.wake.wait(delay)
             self.wake.clear()
         if not self.draining:
@@ -132,7 +136,8 @@ class Dispatcher:
 
     def _launch(self, w: Watched) -> Exception | None:
         spec = w.spec
-        log.info("job %s attempt %s: launching on %s (%s)", *w.key, spec.tier, format_bytes(spec.memory_limit_bytes))
+        log.info("job %s attempt %s: launching on %s (%s)", *w.key, spec.tier, format_bytes(spec.memory_limit_bytes),
+                 extra={"job": spec.job_id, "attempt": spec.attempt, "tier": spec.tier})
         limit = self.cfg.job_options.max_input_bytes
         if w.job.document_bytes > limit:  # refused before any cell starts: nothing to stream, nothing to retry
             reason = (f"the file is {w.job.document_bytes / 1e6:.1f} MB, over the {limit / 1e6:g} MB limit "
@@ -258,6 +263,7 @@ class Dispatcher:
         return None
 
     def heartbeat(self) -> None:
+        self.queue.alive(self.cfg.owner, self.cfg.pool, self.runtime.name)
         keys = {w.spec.job_id: w for w in self.watched.values()}
         ours, cancels = self.queue.heartbeat(self.cfg.owner, list(keys))
         for job_id, w in keys.items():
@@ -339,7 +345,9 @@ class Dispatcher:
             level = logging.INFO if outcome is Outcome.SUCCEEDED or d.state is not JobState.FAILED else logging.WARNING
             log.log(level, "job %s attempt %s: %s (exit %s, peak %s) -> %s%s", *w.key, outcome.value,
                     ended.exit_code, format_bytes(ended.peak_memory_bytes), d.state.value,
-                    f": {d.reason}" if d.reason else "")
+                    f": {d.reason}" if d.reason else "", extra={"job": w.key[0], "attempt": w.key[1], "tier": w.spec.tier})
+            # queue wait: from when the job became runnable (scheduled_at) to when this attempt was taken
+            self.observer.attempt_ended(result, w.spec.tier, max(0.0, w.started - w.job.scheduled_at.timestamp()))
             if w.handle:
                 self.runtime.cleanup(w.handle)
         else:

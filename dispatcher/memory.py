@@ -58,6 +58,7 @@ class MemoryQueue:
         self.completed: dict[int, tuple[str, int, str]] = {}  # job -> media type, pages, manifest status
         self._lock = threading.RLock()
         self._wake: list[Callable[[], None]] = []
+        self.seen: dict[str, tuple[str, str, datetime]] = {}  # dispatcher -> pool, runtime, last heartbeat
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -206,6 +207,10 @@ class MemoryQueue:
                     a.outcome, a.finished_at, a.error = "lost", now, "lease expired with no unit left"
                 reaped.append(j.id)
             return reaped
+
+    def alive(self, owner: str, pool: str, runtime: str) -> None:
+        with self._lock:
+            self.seen[owner] = (pool, runtime, self.now())
 
     def release(self, owner: str) -> None:
         with self._lock:

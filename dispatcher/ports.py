@@ -85,6 +85,23 @@ class Finish:
     completed: Completed | None = None
 
 
+class Observer(Protocol):
+    """What the loop tells the outside about itself (metrics, probes). Called on the loop's own threads, so an
+    implementation must be quick and must not raise."""
+
+    def attempt_ended(self, finish: Finish, tier: str, wait_s: float) -> None:
+        """An attempt's end was recorded: it ran on `tier` after waiting `wait_s` in the queue."""
+        return None
+
+    def ticked(self, ok: bool, reason: str = "") -> None:
+        """One pass of the loop ended; not ok (and why) when the database or the runtime failed it."""
+        return None
+
+
+class Unobserved(Observer):
+    """The default: nobody is listening."""
+
+
 class Results(Protocol):
     """Where the pages a cell emitted go once checked; accepted only while (job, attempt) is running."""
 
@@ -127,6 +144,9 @@ class Queue(Results, Protocol):
 
     def reap(self, pool: str, keep: Sequence[int]) -> list[int]:
         """Requeue (or fail) running jobs of `pool` whose lease expired, except `keep`; their attempts are lost."""
+
+    def alive(self, owner: str, pool: str, runtime: str) -> None:
+        """Record that this dispatcher is running (every heartbeat): clients can tell when none is."""
 
     def release(self, owner: str) -> None:
         """Expire our leases now, so that the next dispatcher adopts our units at once."""

@@ -272,6 +272,13 @@ class PostgresQueue:
             return [r["id"] for r in rows]
         return self._run(go)
 
+    def alive(self, owner: str, pool: str, runtime: str) -> None:
+        self._run(lambda c: self._one(c, "alive", owner=owner, pool=pool, runtime=runtime))
+
+    def dispatchers(self) -> list[Row]:
+        """Every dispatcher that ever ran on this queue, with how long it has been silent (silent_s)."""
+        return self._run(lambda c: self._all(c, "dispatchers"))
+
     def release(self, owner: str) -> None:
         self._run(lambda c: self._one(c, "release", owner=owner))
 

@@ -36,7 +36,8 @@ def test_migrate_is_idempotent(cli_env, pg_server):
     env = dict(cli_env, JOBCELL_DATABASE_URL=pg_server.rsplit("/", 1)[0] + "/" + empty)
     first = jobcell("migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert "applied: 0001_queue.sql, 0002_pages.sql, 0003_sealed_cells.sql, 0004_client.sql" in first.stdout
+    assert ("applied: 0001_queue.sql, 0002_pages.sql, 0003_sealed_cells.sql, 0004_client.sql, "
+            "0005_dispatchers.sql") in first.stdout
     again = jobcell("migrate", env=env)
     assert again.returncode == 0 and "up to date" in again.stdout
 
@@ -264,3 +265,26 @@ def test_prune_removes_exactly_what_is_older_than_the_cutoff_and_its_dry_run_not
     left = sorted(p.name for p in store.iterdir())
     assert len(left) == 2  # the new job's document, and the one the running job still uses
     assert jobcell("prune", "--older-than", "soon", env=cli_env).returncode == 2
+
+
+def test_wait_warns_when_no_dispatcher_is_running(cli_env, queue):
+    proc = subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "submit", "--diag", "sleep_s=0", "--wait"],
+                            cwd=ROOT, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=9)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(2)  # Ctrl-C: the job stays queued, and jobcell says so without a traceback
+        out, err = proc.communicate(timeout=10)
+    assert "no dispatcher has been seen in the last minute" in err, err
+    assert "interrupted (submitted jobs keep running" in err and "Traceback" not in err
+    status = jobcell("status", env=cli_env)
+    assert "warning: no dispatcher has been seen" in status.stdout
+
+
+def test_status_names_the_running_dispatchers(cli_env, queue, start_dispatcher):
+    start_dispatcher(owner="disp-under-test")
+    from .conftest import wait_for
+
+    wait_for(lambda: "dispatcher disp-under-test" in jobcell("status", env=cli_env).stdout, timeout=30,
+             what="the dispatcher in status")
+    assert "warning" not in jobcell("status", env=cli_env).stdout

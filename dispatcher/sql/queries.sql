@@ -239,3 +239,11 @@ RETURNING id, document_uri;
 
 -- name: documents_in_use
 SELECT DISTINCT document_uri FROM jobs WHERE document_uri = ANY(%(uris)s);
+
+-- name: alive
+INSERT INTO jobcell_dispatchers (id, pool, runtime) VALUES (%(owner)s, %(pool)s, %(runtime)s)
+ON CONFLICT (id) DO UPDATE SET seen_at = now(), pool = EXCLUDED.pool, runtime = EXCLUDED.runtime;
+
+-- name: dispatchers
+SELECT id, pool, runtime, started_at, seen_at, extract(epoch FROM now() - seen_at) AS silent_s
+FROM jobcell_dispatchers ORDER BY seen_at DESC;
