@@ -19,7 +19,7 @@ from jobcell import Client, __version__
 
 from .classes import SizeClassTable, format_bytes, parse_seconds
 from .errors import JobcellError, NotFound
-from .models import JobState, NewJob
+from .models import Job, JobState, NewJob
 from .queue import PostgresQueue
 from .settings import Settings, load_settings
 from .wiring import build_dispatcher, build_manifests, build_queue, build_store
@@ -274,6 +274,12 @@ def cmd_show(s: Settings, a: argparse.Namespace) -> int:
             print(f"=== page {p['page']} ===")
             print(p["text"])
         return 0
+    if a.json:
+        attempts = [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items() if k != "log_tail"}
+                    for r in q.attempts(j.id)]
+        print(json.dumps({**_job_json(j, q.progress([j.id]).get(j.id, (0, None))), "attempts": attempts},
+                         indent=2, default=str))
+        return 0
     print(f"job {j.id}: {j.state.value}  class {j.size_class}  tier {j.tier}  attempts {j.attempt}/{j.max_attempts}")
     stored = f", stored as {j.document_uri}" if j.source and j.source != j.document_uri else ""
     print(f"document: {j.source or j.document_uri} ({format_bytes(j.document_bytes)}{stored}), workload {j.workload}")
@@ -289,6 +295,32 @@ def cmd_show(s: Settings, a: argparse.Namespace) -> int:
     if rows:
         print()
         print(_table(rows, ["attempt", "tier", "limit", "outcome", "exit", "peak", "duration", "reason"]))
+    return 0
+
+
+def _job_json(j: Job, pages: tuple[int, int | None] = (0, None)) -> dict[str, Any]:
+    return {"id": j.id, "state": j.state.value, "size_class": j.size_class, "tier": j.tier, "attempt": j.attempt,
+            "max_attempts": j.max_attempts, "reason": j.reason, "source": j.source or j.document_uri,
+            "metadata": j.metadata, "pages_done": pages[0], "pages_total": pages[1],
+            "created_at": j.created_at.isoformat(), "finished_at": j.finished_at and j.finished_at.isoformat()}
+
+
+def cmd_list(s: Settings, a: argparse.Namespace) -> int:
+    if a.state and a.state not in {st.value for st in JobState}:
+        raise JobcellError(f"--state {a.state!r}: one of {', '.join(st.value for st in JobState)}")
+    try:
+        since_s = parse_seconds(a.since) if a.since else None
+    except ValueError as e:
+        raise JobcellError(f"--since: {e}") from None
+    q = build_queue(s)
+    jobs = q.list_jobs(a.state, a.size_class, since_s, a.limit)
+    progress = q.progress([j.id for j in jobs])
+    if a.json:
+        print(json.dumps([_job_json(j, progress.get(j.id, (0, None))) for j in jobs], indent=2))
+        return 0
+    rows = [(j.id, j.state.value, j.size_class, j.tier, j.attempt, _pages(*progress.get(j.id, (0, None))),
+             os.path.basename(j.source or j.document_uri)[:40], (j.reason or "")[:60]) for j in jobs]
+    print(_table(rows, ["job", "state", "class", "tier", "attempts", "pages", "document", "reason"]))
     return 0
 
 
@@ -392,7 +424,15 @@ def parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="a job and every attempt")
     sh.add_argument("id", type=int)
     sh.add_argument("--text", action="store_true", help="print the OCR text page by page instead")
+    sh.add_argument("--json", action="store_true", help="the job and its attempts as JSON")
     sh.set_defaults(fn=cmd_show)
+    ls = sub.add_parser("list", help="jobs, newest first, by state, class and age")
+    ls.add_argument("--state", help="queued, running, succeeded, failed or cancelled")
+    ls.add_argument("--class", dest="size_class", help="a size class")
+    ls.add_argument("--since", metavar="AGE", help="submitted within, e.g. 1h or 7d")
+    ls.add_argument("--limit", type=_bounded(1, 10_000), default=100)
+    ls.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    ls.set_defaults(fn=cmd_list)
     pr = sub.add_parser("prune", help="delete finished jobs older than a cutoff, with their pages and documents")
     pr.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
     pr.add_argument("--yes", action="store_true", help="delete (without it: a dry run that only counts)")

@@ -353,11 +353,22 @@ class PostgresQueue:
     def jobs(self, ids: Sequence[int]) -> list[Job]:
         return [job_from_row(r) for r in self._run(lambda c: self._all(c, "jobs_by_ids", ids=list(ids)))]
 
+    def list_jobs(self, state: str | None = None, size_class: str | None = None, since_s: float | None = None,
+                  limit: int = 100) -> list[Job]:
+        rows = self._run(lambda c: self._all(c, "list_jobs", state=state, size_class=size_class, since_s=since_s,
+                                             limit=limit))
+        return [job_from_row(r) for r in rows]
+
     def attempts(self, job_id: int) -> list[Row]:
         return self._run(lambda c: self._all(c, "attempts", job_id=job_id))
 
     def counts(self) -> list[Row]:
         return self._run(lambda c: self._all(c, "counts"))
+
+    def job_metrics(self, pool: str) -> tuple[dict[tuple[str, str], int], int]:
+        """For /metrics: job counts by (state, size class), and the memory limits held by `pool`'s running jobs."""
+        rows = self._run(lambda c: self._all(c, "job_metrics", pool=pool, running=JobState.RUNNING.value))
+        return {(r["state"], r["size_class"]): r["n"] for r in rows}, sum(int(r["pool_bytes"]) for r in rows)
 
     def pages(self, job_id: int) -> list[Row]:
         return self._run(lambda c: self._all(c, "pages", job_id=job_id))

@@ -288,3 +288,23 @@ def test_status_names_the_running_dispatchers(cli_env, queue, start_dispatcher):
     wait_for(lambda: "dispatcher disp-under-test" in jobcell("status", env=cli_env).stdout, timeout=30,
              what="the dispatcher in status")
     assert "warning" not in jobcell("status", env=cli_env).stdout
+
+
+def test_list_filters_and_json_output(cli_env, queue, db_url):
+    import json
+
+    from .conftest import diag, sql
+
+    queued, failed = diag(queue), diag(queue, size_class="medium")
+    sql(db_url, "UPDATE jobs SET state = 'failed', reason = 'refused by design', finished_at = now() WHERE id = %s",
+        failed)
+    table = jobcell("list", env=cli_env)
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["job", "state", "class"]
+    rows = json.loads(jobcell("list", "--state", "failed", "--json", env=cli_env).stdout)
+    assert [(r["id"], r["state"], r["reason"]) for r in rows] == [(failed, "failed", "refused by design")]
+    assert [r["id"] for r in json.loads(jobcell("list", "--class", "small", "--json", env=cli_env).stdout)] == [queued]
+    assert json.loads(jobcell("list", "--since", "1h", "--json", env=cli_env).stdout)[0]["id"] == failed  # newest
+    shown = json.loads(jobcell("show", str(failed), "--json", env=cli_env).stdout)
+    assert shown["id"] == failed and shown["attempts"] == []
+    bad = jobcell("list", "--state", "lost", env=cli_env)
+    assert bad.returncode == 2 and "--state 'lost': one of queued, running" in bad.stderr

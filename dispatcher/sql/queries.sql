@@ -131,6 +131,12 @@ SELECT * FROM job_attempts WHERE job_id = %(job_id)s ORDER BY attempt;
 -- name: counts
 SELECT state, size_class, count(*) AS n FROM jobs GROUP BY state, size_class ORDER BY state, size_class;
 
+-- name: job_metrics
+-- Read at every /metrics scrape: jobs by state and class, and the memory limits the pool's running jobs hold.
+SELECT state, size_class, count(*) AS n,
+       coalesce(sum(memory_limit_bytes) FILTER (WHERE state = %(running)s AND pool = %(pool)s), 0) AS pool_bytes
+FROM jobs GROUP BY state, size_class;
+
 -- name: running_jobs
 SELECT j.id, j.tier, j.memory_limit_bytes, j.pool, j.lease_owner, j.attempt, a.started_at, j.document_uri,
        j.pages_total, (SELECT count(*) FROM document_pages p WHERE p.job_id = j.id) AS pages_stored
@@ -247,3 +253,12 @@ ON CONFLICT (id) DO UPDATE SET seen_at = now(), pool = EXCLUDED.pool, runtime = 
 -- name: dispatchers
 SELECT id, pool, runtime, started_at, seen_at, extract(epoch FROM now() - seen_at) AS silent_s
 FROM jobcell_dispatchers ORDER BY seen_at DESC;
+
+-- name: list_jobs
+-- Newest first; each filter applies only when given (NULL: any).
+SELECT * FROM jobs
+WHERE (%(state)s::text IS NULL OR state = %(state)s::text)
+  AND (%(size_class)s::text IS NULL OR size_class = %(size_class)s::text)
+  AND (%(since_s)s::float8 IS NULL OR created_at >= now() - make_interval(secs => %(since_s)s::float8))
+ORDER BY id DESC
+LIMIT %(limit)s;
