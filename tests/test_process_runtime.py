@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from pathlib import Path
 
-from dispatcher.models import MIB, JobState
-from dispatcher.runtimes.process import ProcessOptions, ProcessRuntime
+import pytest
 
-from .conftest import diag, wait_final
+from dispatcher.models import MIB, JobState
+from dispatcher.runtimes.process import ProcessOptions, ProcessRuntime, _DropPeaks, proc_table, unit_tree
+
+from .conftest import diag, wait_final, wait_for
 
 
 def test_without_a_cgroup_rlimit_as_caps_the_job_and_reads_as_oom(queue, start_dispatcher, pool, tmp_path: Path):
@@ -47,3 +52,104 @@ def test_units_live_on_disk_and_a_second_launch_of_an_attempt_is_refused(queue, 
     assert ended is not None and ended.exit_code == 0 and not ended.oom_killed
     rt.cleanup(h)
     assert rt.owned() == []
+
+
+def _watchdog(tmp_path: Path, pool: str, queue_id: str) -> ProcessRuntime:
+    """The cap of a host where no cgroup can be written (a Render worker), forced on this one."""
+    rt = ProcessRuntime(ProcessOptions(state_root=str(tmp_path / "units"), pool=pool, queue_id=queue_id,
+                                       cap="watchdog"))
+    assert rt.cgroups.root is None and rt.cap == "watchdog"
+    return rt
+
+
+@pytest.mark.parametrize("step_sleep_s", [0.1, 0.0], ids=["growing-watchdog-kills", "burst-rlimit-data-refuses"])
+def test_without_a_cgroup_the_watchdog_caps_the_job_as_oom_and_the_next_tier_succeeds(
+        queue, start_dispatcher, pool, tmp_path: Path, step_sleep_s: float):
+    job = diag(queue, alloc_mib=100, step_sleep_s=step_sleep_s, sleep_s=0.3)
+    start_dispatcher(rt=_watchdog(tmp_path, pool, queue.queue_id()))
+    [j] = wait_final(queue, [job])
+    assert j.state is JobState.SUCCEEDED, j.reason
+    small, medium = queue.attempts(job)
+    assert (small["tier"], small["outcome"], medium["tier"], medium["outcome"]) == \
+        ("small", "oom", "medium", "succeeded")
+    assert small["peak_memory_bytes"] == small["memory_limit_bytes"] == 64 * MIB
+    assert small["oom_killed"] is True  # the runtime's own signal, not only the cell's word
+    if step_sleep_s:  # 8 MiB every 100 ms: the watchdog sees the tree pass 64 MiB long before RLIMIT_DATA (80)
+        assert small["exit_code"] == 137
+        assert "killed by the process runtime's watchdog" in small["error"]
+    else:  # faster than it samples: RLIMIT_DATA refuses an allocation (the cell exits 86), or the watchdog kills
+        assert small["exit_code"] in (86, 137)
+    # the tree's own peak: above what it allocated, within its cap (not the host's, capped to the limit)
+    assert 100 * MIB < medium["peak_memory_bytes"] < 160 * MIB
+
+
+def test_without_a_cgroup_a_job_under_its_limit_reports_its_own_trees_peak(queue, start_dispatcher, pool,
+                                                                           tmp_path: Path):
+    job = diag(queue, alloc_mib=20, sleep_s=0.5)
+    start_dispatcher(rt=_watchdog(tmp_path, pool, queue.queue_id()))
+    [j] = wait_final(queue, [job])
+    assert j.state is JobState.SUCCEEDED, j.reason
+    [a] = queue.attempts(job)
+    # The cell's own peak record reads the enclosing cgroup (here the whole machine's), which would be stored as
+    # exactly the limit: the runtime drops it and reports the watchdog's sample of the unit's processes.
+    assert 20 * MIB < a["peak_memory_bytes"] < 64 * MIB
+
+
+def test_without_a_cgroup_a_sigkill_from_outside_is_lost_not_oom(queue, start_dispatcher, pool, tmp_path: Path):
+    rt = _watchdog(tmp_path, pool, queue.queue_id())
+    job = diag(queue, alloc_mib=10, sleep_s=3)
+    start_dispatcher(rt=rt)
+    unit = rt.units / f"{job}-1"
+
+    def the_job() -> int | None:
+        sid = (unit / "pid").read_text() if (unit / "pid").exists() else ""
+        for pid in unit_tree(proc_table(with_uid=True), int(sid), None) - {int(sid)} if sid else ():  # not sh
+            with contextlib.suppress(OSError):
+                if b"job_image.entrypoint" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        return None
+
+    os.kill(wait_for(the_job, 30, "the job's process"), signal.SIGKILL)  # an operator's kill, not ours
+    [j] = wait_final(queue, [job])
+    assert j.state is JobState.SUCCEEDED, j.reason
+    first, second = queue.attempts(job)
+    assert (first["outcome"], first["exit_code"], first["oom_killed"]) == ("lost", 137, False)
+    assert (second["tier"], second["outcome"]) == ("small", "succeeded")  # retried on the same tier
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 100_000])
+def test_the_cells_peak_record_is_dropped_from_its_output_and_nothing_else(chunk: int):
+    from job_image.contract import DocumentInfo, Done, Peak, encode
+
+    tag = {"job": 3, "attempt": 1}
+    long = b'{"not": "a record", "pad": "' + b"x" * 2000 + b'"}\n'  # passed on as it comes, unparsed
+    stream = (encode(DocumentInfo(**tag, media_type="application/pdf", pages=0)) + long
+              + encode(Done(**tag)) + encode(Peak(**tag, bytes=5 * 1024**3)) + b'{"type":"peak"')
+    drop = _DropPeaks()
+    out = b"".join(drop.feed(stream[i:i + chunk]) for i in range(0, len(stream), chunk)) + drop.end()
+    assert out == stream.replace(encode(Peak(**tag, bytes=5 * 1024**3)), b"")
+
+
+def test_without_a_cgroup_a_restarted_dispatcher_reads_the_units_own_peak_from_disk(tmp_path: Path):
+    import time
+
+    from dispatcher.models import LaunchSpec
+    from dispatcher.ports import CellInput
+    from job_image.contract import Header
+
+    rt = _watchdog(tmp_path, "unit-watchdog", "q")
+    params = {"alloc_mib": 20, "sleep_s": 1.0}
+    h = rt.launch(LaunchSpec(9, 1, "small", 64 * MIB, 60, "diag:", "diag", params),
+                  CellInput(Header(job_id=9, attempt=1, tier="small", memory_limit_bytes=64 * MIB, workload="diag",
+                                   params=params), "diag:"))
+    other = _watchdog(tmp_path, "unit-watchdog", "q")  # a restarted dispatcher: not the wrapper's parent
+    assert other.owned() == [h]
+    deadline = time.monotonic() + 20
+    while (ended := other.poll(h)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ended is not None and ended.exit_code == 0 and not ended.oom_killed
+    assert ended.peak_memory_bytes == int((Path(h.ref) / "peak").read_text())  # sampled, kept in the unit
+    assert ended.peak_memory_bytes is not None and 20 * MIB < ended.peak_memory_bytes < 64 * MIB
+    other.cleanup(h)
+    rt.cleanup(h)
+    assert other.owned() == []

@@ -3,8 +3,15 @@
 For hosts with no container engine (a Render worker, a VM): each job still gets a clean address space and a
 hard cap. The cap is a memory cgroup of its own when the host lets us write one (v1: memory.limit_in_bytes and
 memory.memsw.limit_in_bytes; v2: memory.max and memory.swap.max under a delegated JOBCELL_CGROUP_ROOT), read
-back through the cgroup's OOM counter; otherwise RLIMIT_AS, where an allocation past the cap fails with
-MemoryError or the process dies by SIGKILL/SIGSEGV, both read as oom.
+back through the cgroup's OOM counter. Where none can be written (a Render worker), a watchdog thread samples
+each unit's process tree (its wrapper's session, its uid when sealed, and their descendants) every 50 ms and
+SIGKILLs the tree once its private resident memory (RssAnon + RssShmem, what a cgroup charges) passes the
+limit, after writing an `oom` marker that poll() reads as the runtime's own OOM signal; RLIMIT_DATA at 1.25x
+the limit stops a single process that allocates faster than that (bench/process_cap.py measured the choice).
+A SIGKILL with no marker is nobody's OOM (lost). The unit's peak is the tree's sampled one (its `peak` file,
+which survives a dispatcher restart), or the kernel's high-water mark of its largest process where that is
+higher. cap="rlimit" keeps the old RLIMIT_AS alone, where an allocation past the cap fails with MemoryError or
+the process dies by SIGKILL/SIGSEGV, both read as oom.
 
 Every attempt has a unit directory (state_root/pool/queue_id/job-attempt) holding its input (header and
 document), its output (the result channel), its stderr, its pid and the exit code that a small shell wrapper
@@ -33,17 +40,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, NamedTuple
 
-from job_image.contract import ENV_SCRATCH, EXIT_SIGKILL
+from job_image.contract import ENV_SCRATCH, EXIT_BAD_INPUT, EXIT_OK, EXIT_SIGKILL, Peak, decode
 
-from ..models import Exit, Handle, LaunchSpec
+from ..models import MIB, Exit, Handle, LaunchSpec
 from ..ports import CellInput
 from . import last_line, tail
 
 log = logging.getLogger("jobcell.process")
 
 V1_MEMORY = Path("/sys/fs/cgroup/memory")
+Cap = Literal["auto", "rlimit", "watchdog"]
 
 
 @dataclass(frozen=True)
@@ -53,11 +61,18 @@ class ProcessOptions:
     queue_id: str = ""
     command: tuple[str, ...] = (sys.executable, "-m", "job_image.entrypoint")
     cgroup_root: str | None = None  # v2: a delegated cgroup with +memory in its subtree_control
-    cap: Literal["auto", "rlimit"] = "auto"  # auto: a cgroup where the host allows one, else RLIMIT_AS
+    cap: Cap = "auto"  # auto: a cgroup where the host allows one, else the watchdog; rlimit: RLIMIT_AS alone
     scratch_bytes: int = 512 * 1024 * 1024  # RLIMIT_FSIZE: no file the job writes grows past this
     first_uid: int = 200_000  # as root: each running unit gets the first free uid from here
     scratch_root: str = tempfile.gettempdir()  # each unit's scratch dir goes here, 0700 and owned by its uid
     pids_limit: int = 256  # as root: RLIMIT_NPROC of the unit's own uid
+    watchdog_s: float = 0.05  # no cgroup: how often each unit's process tree is sampled
+    # cap=watchdog: each process's own rlimit, at backstop_ratio x the limit, for a burst faster than the
+    # watchdog samples. RLIMIT_DATA counts private writable mappings, close to what is resident; RLIMIT_AS
+    # also counts libraries and reserved arenas (4 threads and 30 MiB: 44 MiB resident, 342 MiB of address
+    # space). At 1.0x, 8 MiB of reserved stack per thread makes small threaded jobs fail (bench/process_cap.py).
+    backstop: Literal["data", "as", "none"] = "data"
+    backstop_ratio: float = 1.25
 
 
 OpenDocument = Callable[[str], tuple[BinaryIO, int]]
@@ -129,12 +144,22 @@ class ProcessRuntime:
         self.documents = documents
         self.sealed = os.geteuid() == 0 and all(shutil.which(t) for t in ("setpriv", "unshare", "prlimit"))
         self._uids = threading.Lock()
+        self._reaping = threading.Lock()
         self.units = Path(options.state_root).resolve() / options.pool / (options.queue_id or "none")
-        rlimit_only = options.cap == "rlimit"
-        self.cgroups = Cgroups(None, 0) if rlimit_only else Cgroups.detect(options.pool, options.cgroup_root)
+        no_cgroup = options.cap in ("rlimit", "watchdog")
+        self.cgroups = Cgroups(None, 0) if no_cgroup else Cgroups.detect(options.pool, options.cgroup_root)
+        self.cap: Literal["cgroup", "rlimit", "watchdog"] = (
+            "cgroup" if self.cgroups.root is not None else "rlimit" if options.cap == "rlimit" else "watchdog")
         self._children: dict[str, subprocess.Popen[bytes]] = {}  # ours to reap; adopted units are not
-        if self.cgroups.root is None:
-            log.warning("no writable memory cgroup: capping jobs with RLIMIT_AS (address space, not resident memory)")
+        # Without a cgroup, the watchdog measures each unit's own peak (and under cap=watchdog enforces the cap)
+        self.watchdog = Watchdog(self.units, options.watchdog_s) if self.cap != "cgroup" else None
+        if self.cap == "rlimit":
+            log.warning("no memory cgroup: capping jobs with RLIMIT_AS (address space, not resident memory)")
+        elif self.cap == "watchdog":
+            backstop = "no rlimit" if options.backstop == "none" else \
+                f"RLIMIT_{options.backstop.upper()} at {options.backstop_ratio:.2f}x the limit"
+            log.warning("no writable memory cgroup: capping jobs with a watchdog on their process tree's resident "
+                        "memory (sampled every %.0f ms) and %s", options.watchdog_s * 1000, backstop)
         if not self.sealed:
             log.warning("process runtime not running as root (or no setpriv/unshare): cells run as this user, "
                         "with this host's network; only their environment is cleared")
@@ -156,14 +181,12 @@ class ProcessRuntime:
         cgroup = self.cgroups.create(unit.name, spec.memory_limit_bytes)
         (unit / "cgroup").write_text(str(cgroup or ""))
         (unit / "limit").write_text(str(spec.memory_limit_bytes))
+        (unit / "cap").write_text(self.cap)  # how its end reads, whatever a restarted dispatcher is configured with
         # not inside the unit: the state dir's parents need not be traversable by the job's uid
         scratch = Path(tempfile.mkdtemp(prefix=f"jobcell-{unit.name}-", dir=self.options.scratch_root))
         (unit / "scratch").write_text(str(scratch))
         job = " ".join(shlex.quote(c) for c in self._command(unit, scratch))
-        if cgroup is not None:
-            enter = f"echo $$ > {shlex.quote(str(cgroup / 'cgroup.procs'))}"
-        else:
-            enter = f"ulimit -v {spec.memory_limit_bytes // 1024}"
+        enter = self._enter_cap(cgroup, spec.memory_limit_bytes)
         q = {name: shlex.quote(str(unit / name)) for name in ("input", "stdout", "stderr", "exit_code")}
         # The wrapper enters the cap before the job exists, opens its files for it, then outlives it to record
         # its exit code. RLIMIT_FSIZE bounds every file the job writes, its output and scratch files alike.
@@ -177,7 +200,20 @@ class ProcessRuntime:
                                 start_new_session=True)  # survives a dispatcher crash
         (unit / "pid").write_text(str(proc.pid))
         self._children[str(unit)] = proc
+        if self.watchdog is not None:
+            self.watchdog.add(unit)
         return handle
+
+    def _enter_cap(self, cgroup: Path | None, limit: int) -> str:
+        """The wrapper's first command: into the cgroup, or the rlimit that all of the job inherits."""
+        if cgroup is not None:
+            return f"echo $$ > {shlex.quote(str(cgroup / 'cgroup.procs'))}"
+        o = self.options
+        if self.cap == "rlimit":
+            return f"ulimit -v {limit // 1024}"
+        if o.backstop == "none" or o.backstop_ratio <= 0:
+            return ":"
+        return f"ulimit -{'d' if o.backstop == 'data' else 'v'} {int(limit * o.backstop_ratio) // 1024}"
 
     def _write_input(self, path: Path, cell: CellInput) -> None:
         """Header and document in one file, readable by the wrapper (us) only: the job gets it as stdin."""
@@ -202,26 +238,33 @@ class ProcessRuntime:
 
     def _free_uid(self, unit: Path) -> int:
         with self._uids:
-            taken = {_read_int(u / "uid") for u in self.units.glob("*-*")}
+            taken: set[int | None] = {_read_int(u / "uid") for u in self.units.glob("*-*")}
+            taken |= {uid for _, _, uid in proc_table(with_uid=True).values()}  # a straggler of an earlier unit
             uid = next(n for n in range(self.options.first_uid, self.options.first_uid + 65536) if n not in taken)
             (unit / "uid").write_text(str(uid))
             return uid
 
     def output(self, handle: Handle) -> Iterator[bytes]:
-        """The unit's stdout file from its start, followed until the unit has ended and all of it is read."""
+        """The unit's stdout file from its start, followed until the unit has ended and all of it is read.
+
+        Without the cell's `peak` record: the cell reads it from /sys/fs/cgroup, which a subprocess of this host
+        sees from the host's side (the enclosing cgroup's counter, the whole machine); poll() gives the unit's
+        own. Dropping whole lines by their content keeps a second read of the stream byte for byte the same."""
         unit = Path(handle.ref)
         try:
             f = (unit / "stdout").open("rb")
         except FileNotFoundError:
             return
+        records = _DropPeaks()
         with f:
             while True:
                 chunk = f.read(256 * 1024)
                 if chunk:
-                    yield chunk
+                    if kept := records.feed(chunk):
+                        yield kept
                     continue
                 if not unit.is_dir() or not self._running(handle):
-                    rest = f.read()
+                    rest = records.feed(f.read()) + records.end()
                     if rest:
                         yield rest
                     return
@@ -229,7 +272,23 @@ class ProcessRuntime:
 
     def _running(self, handle: Handle) -> bool:
         child = self._children.get(handle.ref)
-        return child.poll() is None if child else _alive(_read_int(Path(handle.ref) / "pid"))
+        if child is None:  # adopted: not ours to reap
+            return _alive(_read_int(Path(handle.ref) / "pid"))
+        with self._reaping:  # the output reader and poll() both ask
+            if child.returncode is not None:
+                return False
+            try:
+                pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            except ChildProcessError:
+                return child.poll() is None
+            if pid == 0:
+                return True
+            # The wrapper's rusage: the high-water mark of its largest process (its children's counted as they
+            # were reaped), a peak no sample may have seen. Kept before the end is visible to poll().
+            with contextlib.suppress(OSError):
+                _write_atomic(Path(handle.ref) / "maxrss", str(usage.ru_maxrss * 1024))
+            child.returncode = os.waitstatus_to_exitcode(status)
+            return False
 
     def poll(self, handle: Handle) -> Exit | None:
         unit = Path(handle.ref)
@@ -239,34 +298,47 @@ class ProcessRuntime:
             return None
         cgroup = _cgroup(unit)
         code = _read_int(unit / "exit_code")
-        if code is None and (unit / "killed").exists():
+        watchdog_oom = _read_int(unit / "oom")  # what its tree held when the watchdog killed it
+        if code is None and ((unit / "killed").exists() or watchdog_oom is not None):
             code = EXIT_SIGKILL  # we killed the wrapper too
         stderr = _read(unit / "stderr")  # stdout is the result channel: never copied into logs
+        limit = _read_int(unit / "limit")
+        if watchdog_oom is not None:
+            return Exit(exit_code=code, oom_killed=True, peak_memory_bytes=limit, log_tail=tail(stderr),
+                        reason=f"out of memory: its processes held {watchdog_oom // MIB} MiB, past its "
+                               f"{(limit or 0) // MIB} MiB limit (killed by the process runtime's watchdog)",
+                        ran_s=_ran_s(unit))
         oom = Cgroups.oom_kills(cgroup) > 0
-        if cgroup is None and code is not None and code in (EXIT_SIGKILL, 128 + signal.SIGSEGV):
+        rlimit_as = cgroup is None and _read(unit / "cap") in ("", "rlimit")  # "": a unit from before the watchdog
+        if rlimit_as and code is not None and code in (EXIT_SIGKILL, 128 + signal.SIGSEGV):
             oom = not (unit / "killed").exists()  # under RLIMIT_AS a failed allocation kills or segfaults
         if code is None:
             return Exit(exit_code=None, oom_killed=oom, lost=not oom, log_tail=tail(stderr),
                         reason="the job's wrapper died without an exit code")
-        # no cgroup: the enclosing one's counter would be the whole host's; the cell's own report is used
-        return Exit(exit_code=code, oom_killed=oom, peak_memory_bytes=Cgroups.peak(cgroup), log_tail=tail(stderr),
+        # No cgroup: the watchdog's sample of the unit's own tree (the enclosing cgroup's counter, which is all
+        # the cell could read, would be the whole host's). A SIGKILL with no marker is nobody's OOM: lost.
+        peak = Cgroups.peak(cgroup) if cgroup is not None else _own_peak(unit)
+        if (_read(unit / "cap") == "watchdog" and code not in (EXIT_OK, EXIT_BAD_INPUT) and peak and limit
+                and peak > limit and not (unit / "killed").exists()):
+            # Past its limit between two samples (RLIMIT_DATA refused it an allocation), then failed however its
+            # process put it (MemoryError, tesseract's abort, a segfault): the runtime's own measure says oom.
+            oom, peak = True, limit
+        return Exit(exit_code=code, oom_killed=oom, peak_memory_bytes=peak, log_tail=tail(stderr),
                     reason=last_line(stderr), ran_s=_ran_s(unit))
 
     def kill(self, handle: Handle) -> None:
         unit = Path(handle.ref)
-        pid = _read_int(unit / "pid")
-        if pid is None or not unit.is_dir():
+        if _read_int(unit / "pid") is None or not unit.is_dir():
             return
         (unit / "killed").touch()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)  # the wrapper's session: the wrapper and the job
-        cgroup = _cgroup(unit)  # and whatever left the session (setsid) but not the cgroup
-        for line in _read(cgroup / "cgroup.procs").split() if cgroup else []:
-            with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
-                os.kill(int(line), signal.SIGKILL)
+        _kill_unit(unit)
 
     def cleanup(self, handle: Handle) -> None:
         unit = Path(handle.ref)
+        if self.watchdog is not None:
+            self.watchdog.forget(unit)  # before the unit's uid can be given to the next one
+        # What outlived the job (a child orphaned by its kill) would count against the next unit with its uid
+        _kill_unit(unit, session=False)
         child = self._children.pop(handle.ref, None)
         if child is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -283,10 +355,282 @@ class ProcessRuntime:
             job, _, attempt = unit.name.partition("-")
             if job.isdigit() and attempt.isdigit():
                 out.append(Handle(self.name, str(unit), int(job), int(attempt)))
+        if out and self.watchdog is not None:
+            self.watchdog.start()  # a restarted dispatcher's units are watched again from here
         return out
 
     def watch(self, wake: Callable[[], None]) -> None:
-        """Polled only: the loop's poll interval bounds how late an exit is noticed."""
+        """Polled, except that the watchdog wakes the loop when it kills a unit for memory."""
+        if self.watchdog is not None:
+            self.watchdog.wake = wake
+            self.watchdog.start()
+
+
+@dataclass
+class _Watched:
+    unit: Path
+    sid: int  # the wrapper's pid: its session, which the job and its children stay in unless they setsid
+    limit: int
+    uid: int | None  # sealed: the unit's own uid, which no process of any other unit has
+    enforce: bool  # cap=watchdog: kill past the limit; otherwise only measure
+    peak: int = 0
+    written: int = 0
+    top_file: int = 0  # RssFile of its largest process at the peak
+    killed: bool = False
+
+
+class Watchdog:
+    """One thread for every unit of a runtime without a cgroup: samples each unit's process tree, keeps its peak
+    in the unit's `peak` file (so that it survives a dispatcher restart) and, where it enforces the cap, writes
+    the unit's `oom` marker and SIGKILLs the tree once its private resident memory passes the limit."""
+
+    def __init__(self, units: Path, every_s: float) -> None:
+        self.units, self.every_s = units, every_s
+        self.wake: Callable[[], None] = lambda: None
+        self._lock = threading.Lock()
+        self._watched: dict[Path, _Watched] = {}
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="jobcell-watchdog", daemon=True)
+                self._thread.start()
+
+    def add(self, unit: Path) -> None:
+        watched = _watched(unit)
+        if watched is not None:
+            with self._lock:
+                self._watched.setdefault(unit, watched)
+        self.start()
+
+    def forget(self, unit: Path) -> None:
+        with self._lock:
+            self._watched.pop(unit, None)
+
+    def _run(self) -> None:
+        rescanned = 0.0
+        while True:
+            began = time.monotonic()
+            if began - rescanned >= 1.0:  # units launched by an earlier dispatcher, adopted from disk
+                rescanned = began
+                self._rescan()
+            with self._lock:
+                watched = list(self._watched.values())
+                if not watched:  # nothing to watch: the next launch or adoption starts the thread again
+                    self._thread = None
+                    return
+            try:
+                self.sample(watched)
+            except Exception:  # one bad sample must not end the watch
+                log.exception("watchdog: sampling the units failed")
+            time.sleep(max(0.0, self.every_s - (time.monotonic() - began)))
+
+    def _rescan(self) -> None:
+        for unit in self.units.glob("*-*") if self.units.is_dir() else []:
+            if unit in self._watched or (unit / "exit_code").exists():
+                continue
+            watched = _watched(unit)
+            if watched is not None and _alive(watched.sid):
+                with self._lock:
+                    self._watched.setdefault(unit, watched)
+
+    def sample(self, watched: Sequence[_Watched]) -> None:
+        procs = proc_table(any(w.uid is not None for w in watched))
+        for w in watched:
+            if not w.unit.is_dir():  # cleaned up: its uid may already be the next unit's
+                self.forget(w.unit)
+                continue
+            members = unit_tree(procs, w.sid, w.uid)
+            if not _alive(w.sid) and members <= {w.sid}:  # ended, and nothing of it is left
+                self._record(w, force=True)
+                self.forget(w.unit)
+                continue
+            memory = tree_memory(members)
+            if memory.private > w.peak:  # the file pages at the peak: poll() takes them off the rusage high-water
+                w.peak, w.top_file = memory.private, memory.top_file
+            self._record(w)
+            if w.enforce and (w.killed or memory.private > w.limit):
+                self._kill(w, members, memory.private)
+
+    @staticmethod
+    def _record(w: _Watched, force: bool = False) -> None:
+        if w.peak > w.written and (force or w.peak - w.written >= MIB // 4) and w.unit.is_dir():
+            with contextlib.suppress(OSError):
+                _write_atomic(w.unit / "file_rss", str(w.top_file))
+                _write_atomic(w.unit / "peak", str(w.peak))
+                w.written = w.peak
+
+    def _kill(self, w: _Watched, members: set[int], private: int) -> None:
+        if not w.killed:
+            w.killed = True
+            try:  # first the marker: poll() must never see the end of a unit we killed without it
+                _write_atomic(w.unit / "oom", str(private))
+            except OSError:  # the unit is being removed: nothing left to record
+                return
+            log.warning("unit %s: its processes hold %d MiB, past its %d MiB limit: killing them", w.unit.name,
+                        private // MIB, w.limit // MIB)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(w.sid, signal.SIGKILL)
+        for pid in members:  # and whatever left the session; killed again on each sample until none is left
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.wake()
+
+
+def _kill_unit(unit: Path, session: bool = True) -> None:
+    """SIGKILL every process of the unit: its wrapper's session, and whatever left it (setsid) but not its
+    cgroup, or (no cgroup) its uid or its descendants. Without `session`, only by its cgroup or its uid, which
+    stay the unit's while its directory exists: a wrapper reaped long ago may have passed its pid on."""
+    pid = _read_int(unit / "pid")
+    if pid is None:
+        return
+    if session:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # the wrapper's session: the wrapper and the job
+    cgroup = _cgroup(unit)
+    uid = _read_int(unit / "uid")
+    if cgroup is not None:
+        escaped = {int(p) for p in _read(cgroup / "cgroup.procs").split() if p.isdigit()}
+    elif session or uid is not None:
+        escaped = unit_tree(proc_table(uid is not None), pid if session else -1, uid)
+    else:
+        escaped = set()
+    for p in escaped:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+
+
+def _watched(unit: Path) -> _Watched | None:
+    sid, limit = _read_int(unit / "pid"), _read_int(unit / "limit")
+    if sid is None or limit is None:
+        return None
+    w = _Watched(unit, sid, limit, _read_int(unit / "uid"), enforce=_read(unit / "cap") == "watchdog",
+                 killed=(unit / "oom").exists())
+    w.peak = w.written = _read_int(unit / "peak") or 0  # what an earlier dispatcher already saw
+    w.top_file = _read_int(unit / "file_rss") or 0
+    return w
+
+
+def proc_table(with_uid: bool = False) -> dict[int, tuple[int, int, int | None]]:
+    """Every process of this host: pid -> (parent pid, session id, owner uid when asked for)."""
+    table: dict[int, tuple[int, int, int | None]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fd = os.open(f"/proc/{name}/stat", os.O_RDONLY)
+            try:
+                stat = os.read(fd, 1024)
+            finally:
+                os.close(fd)
+            uid = os.stat(f"/proc/{name}").st_uid if with_uid else None
+            fields = stat[stat.rindex(b")") + 2:].split(None, 4)  # the name may hold spaces and parentheses
+            table[int(name)] = (int(fields[1]), int(fields[3]), uid)
+        except (OSError, ValueError, IndexError):  # it ended while we looked
+            continue
+    return table
+
+
+def unit_tree(procs: dict[int, tuple[int, int, int | None]], sid: int, uid: int | None) -> set[int]:
+    """A unit's processes: its wrapper's session, its own uid's (sealed), and every descendant of those."""
+    members = {pid for pid, (_, s, u) in procs.items() if s == sid or (uid is not None and u == uid)}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    todo = list(members)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in members:
+                members.add(child)
+                todo.append(child)
+    return members
+
+
+class TreeMemory(NamedTuple):
+    private: int  # RssAnon + RssShmem summed: what a memory cgroup charges a job whose libraries are cached
+    rss: int  # VmRSS summed: adds the file pages (libraries) that other processes share
+    top_file: int  # RssFile of the process holding the most private memory
+
+
+def tree_memory(pids: set[int]) -> TreeMemory:
+    private = rss = top_private = top_file = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                status = f.read()
+        except OSError:
+            continue
+        kib = {}
+        for line in status.splitlines():
+            key, _, value = line.partition(b":")
+            if key in (b"RssAnon", b"RssShmem", b"RssFile", b"VmRSS"):
+                kib[key] = int(value.split()[0]) * 1024
+        own = kib.get(b"RssAnon", 0) + kib.get(b"RssShmem", 0)
+        private, rss = private + own, rss + kib.get(b"VmRSS", 0)
+        if own >= top_private:
+            top_private, top_file = own, kib.get(b"RssFile", 0)
+    return TreeMemory(private, rss, top_file)
+
+
+class _DropPeaks:
+    """Takes the cell's `peak` records out of its output; every other byte passes at once and unchanged."""
+
+    LONGEST = 512  # a peak record is ~70 bytes: a longer line is another record, passed on as it comes
+
+    def __init__(self) -> None:
+        self.head = bytearray()  # the start of the current line, while it may still be a peak record
+        self.passing = False  # in a line known not to be one
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = bytearray()
+        while chunk:
+            line, newline, chunk = chunk.partition(b"\n")
+            if self.passing:
+                out += line + newline
+                self.passing = not newline
+                continue
+            self.head += line
+            if newline:
+                if not _is_peak(bytes(self.head)):
+                    out += self.head + newline
+                self.head.clear()
+            elif len(self.head) > self.LONGEST:
+                out += self.head
+                self.head.clear()
+                self.passing = True
+        return bytes(out)
+
+    def end(self) -> bytes:
+        rest = bytes(self.head)  # an unterminated last line: passed on, for the reader to refuse
+        self.head.clear()
+        return rest
+
+
+def _is_peak(line: bytes) -> bool:
+    if b'"peak"' not in line:
+        return False
+    try:
+        return isinstance(decode(line), Peak)
+    except ValueError:
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _own_peak(unit: Path) -> int | None:
+    """No cgroup: the watchdog's peak of the tree's private memory, or, where higher, the kernel's high-water
+    mark of its largest process (rusage, ours only: not for an adopted unit) less that process's file pages as
+    last sampled. The second catches a peak that came and went between two samples."""
+    sampled, maxrss = _read_int(unit / "peak"), _read_int(unit / "maxrss")
+    if maxrss is not None:
+        maxrss -= _read_int(unit / "file_rss") or 0
+    seen = [v for v in (sampled, maxrss) if v]
+    return max(seen) if seen else None
 
 
 def _read(path: Path) -> str:
