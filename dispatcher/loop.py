@@ -345,7 +345,8 @@ class Dispatcher:
             level = logging.INFO if outcome is Outcome.SUCCEEDED or d.state is not JobState.FAILED else logging.WARNING
             log.log(level, "job %s attempt %s: %s (exit %s, peak %s) -> %s%s", *w.key, outcome.value,
                     ended.exit_code, format_bytes(ended.peak_memory_bytes), d.state.value,
-                    f": {d.reason}" if d.reason else "", extra={"job": w.key[0], "attempt": w.key[1], "tier": w.spec.tier})
+                    f": {d.reason}" if d.reason else "",
+                    extra={"job": w.spec.job_id, "attempt": w.spec.attempt, "tier": w.spec.tier})
             # queue wait: from when the job became runnable (scheduled_at) to when this attempt was taken
             self.observer.attempt_ended(result, w.spec.tier, max(0.0, w.started - w.job.scheduled_at.timestamp()))
             if w.handle:

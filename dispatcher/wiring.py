@@ -12,6 +12,7 @@ from .classes import check_budget, parse_bytes
 from .errors import ConfigError
 from .loop import Dispatcher, LoopConfig
 from .manifest import ManifestWorker, Summariser
+from .observe import HttpServer, PrometheusObserver
 from .outcome import Backoff
 from .ports import DocumentStore, Runtime
 from .queue import PostgresQueue
@@ -87,7 +88,22 @@ def _log_engine_retry(state: RetryCallState) -> None:
                 else 0)
 
 
-def build_dispatcher(s: Settings, migrate: bool = False) -> Dispatcher:
+def build_http(s: Settings) -> HttpServer | None:
+    """/metrics, /healthz and /readyz when JOBCELL_HTTP_PORT is set. Bound here, before the dispatcher waits for
+    its engine and database, so that a port in use is refused at start and the probes answer during that wait."""
+    if s.http_port is None:
+        return None
+    # A pass can take a while (parallel launches, an ended unit's output drained): stuck means three polls and
+    # half a minute without one ending.
+    observer = PrometheusObserver(s.table().names, stale_after_s=3 * s.poll_interval_s + 30)
+    try:
+        return HttpServer(observer, s.http_host, s.http_port)
+    except OSError as e:
+        raise ConfigError(f"JOBCELL_HTTP_PORT/JOBCELL_HTTP_HOST: cannot listen on {s.http_host}:{s.http_port} "
+                          f"({e.strerror or e})") from None
+
+
+def build_dispatcher(s: Settings, migrate: bool = False, observer: PrometheusObserver | None = None) -> Dispatcher:
     table = s.table()
     client = None
     if s.runtime == "docker":
@@ -112,4 +128,7 @@ def build_dispatcher(s: Settings, migrate: bool = False) -> Dispatcher:
                         heartbeat_s=s.lease_ttl_s / 3, reconcile_s=max(2.0, s.lease_ttl_s / 6),
                         backoff=Backoff(s.backoff_exponent, s.backoff_cap_s), job_options=s.job_options(),
                         summarise=bool(os.environ.get("OPENAI_API_KEY")))
-    return Dispatcher(queue, runtime, table, config)
+    if observer is not None:
+        # scrapes read the queue on a connection of their own that never waits out an outage (queue_up 0 instead)
+        observer.watch_queue(build_queue(s, give_up_after_s=0).job_metrics, s.pool, budget)
+    return Dispatcher(queue, runtime, table, config, observer=observer)

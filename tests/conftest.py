@@ -20,7 +20,7 @@ from dispatcher.classes import SizeClassTable, load_table
 from dispatcher.loop import Dispatcher, LoopConfig
 from dispatcher.models import MIB, Job
 from dispatcher.outcome import Backoff
-from dispatcher.ports import Runtime
+from dispatcher.ports import Observer, Runtime
 from dispatcher.queue import PostgresQueue
 from dispatcher.runtimes.docker import LABEL_POOL, DockerOptions, DockerRuntime
 from dispatcher.runtimes.process import ProcessOptions, ProcessRuntime
@@ -226,13 +226,13 @@ def start_dispatcher(db_url: str, queue: PostgresQueue, runtime: DockerRuntime, 
     started: list[Running] = []
 
     def start(budget_mib: int = 4096, owner: str | None = None, classes: SizeClassTable | None = None,
-              rt: Runtime | None = None, **kw: Any) -> Running:
+              rt: Runtime | None = None, observer: Observer | None = None, **kw: Any) -> Running:
         t = classes or table
         q = PostgresQueue(db_url, t, lease_ttl_s=queue.lease_ttl_s, give_up_after_s=None)
         cfg = LoopConfig(owner=owner or f"d-{uuid.uuid4().hex[:6]}", pool=pool, budget_bytes=budget_mib * MIB,
                          poll_s=0.2, heartbeat_s=1.0, reconcile_s=1.0, backoff=Backoff(exponent=0, jitter=0.1),
                          **kw)
-        r = Running(Dispatcher(q, rt or runtime, t, cfg))
+        r = Running(Dispatcher(q, rt or runtime, t, cfg, observer=observer))
         started.append(r)
         return r
 
