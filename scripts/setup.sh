@@ -6,6 +6,17 @@ cd "$(dirname "$0")/.."
 
 bash scripts/ensure-docker.sh
 bash scripts/ensure-images.sh
+# The dashboard's browser tests drive Debian's chromium: browsers cannot be downloaded here, packages can.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "[jobcell] installing chromium (for tests/test_dashboard.py)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+      || echo "[jobcell] WARNING: could not install chromium; tests/test_dashboard.py will fail" >&2
+  else
+    echo "[jobcell] chromium is missing and cannot be installed here (not root, or no apt-get): install it" \
+         "to run tests/test_dashboard.py"
+  fi
+fi
 
 py=${PYTHON:-python3}
 "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
