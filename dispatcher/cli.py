@@ -20,9 +20,10 @@ from jobcell import Client, __version__
 from .classes import SizeClassTable, format_bytes, parse_seconds
 from .errors import JobcellError, NotFound
 from .models import Job, JobState, NewJob
+from .observe import use_json_logs
 from .queue import PostgresQueue
 from .settings import Settings, load_settings
-from .wiring import build_dispatcher, build_manifests, build_queue, build_store
+from .wiring import build_dispatcher, build_http, build_manifests, build_queue, build_store
 
 log = logging.getLogger("jobcell")
 
@@ -181,21 +182,28 @@ def cmd_report(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_run(s: Settings, a: argparse.Namespace) -> int:
-    d = build_dispatcher(s, migrate=a.migrate)
+    http = build_http(s)  # JOBCELL_HTTP_PORT: metrics and probes, answering from before the engine is reached
+    if http is not None:
+        http.start()
+    try:
+        d = build_dispatcher(s, migrate=a.migrate, observer=http.observer if http is not None else None)
 
-    def on_term(signum: int, _frame: Any) -> None:
-        log.info("%s received: %s", signal.Signals(signum).name,
-                 "draining running jobs" if a.drain else "stop claiming, leave running jobs for adoption")
-        d.stop(drain=a.drain)
+        def on_term(signum: int, _frame: Any) -> None:
+            log.info("%s received: %s", signal.Signals(signum).name,
+                     "draining running jobs" if a.drain else "stop claiming, leave running jobs for adoption")
+            d.stop(drain=a.drain)
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    manifests = build_manifests(s, build_queue(s, give_up_after_s=None))
-    if manifests is not None:
-        manifests.start()
-    d.run()
-    if manifests is not None:
-        manifests.stop()
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        manifests = build_manifests(s, build_queue(s, give_up_after_s=None))
+        if manifests is not None:
+            manifests.start()
+        d.run()
+        if manifests is not None:
+            manifests.stop()
+    finally:
+        if http is not None:
+            http.stop()
     return 0
 
 
@@ -371,6 +379,12 @@ def cmd_export(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web(s: Settings, a: argparse.Namespace) -> int:
+    from .web import serve  # the dashboard's module is loaded by this command only
+
+    return serve(s, budget=_budget(s))
+
+
 def _bounded(low: int, high: int) -> Any:
     def parse(text: str) -> int:
         try:
@@ -441,6 +455,8 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("id", type=int)
     ex.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
     ex.set_defaults(fn=cmd_export)
+    wb = sub.add_parser("web", help="the dashboard: queue, memory budget, each job's attempts (JOBCELL_WEB_*)")
+    wb.set_defaults(fn=cmd_web)
     return p
 
 
@@ -450,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         s = load_settings()
+        if s.log_format == "json":  # settings are read after logging starts; nothing has logged yet
+            use_json_logs()
         if getattr(a, "max_attempts", 0) is None:
             a.max_attempts = s.max_attempts
         return int(a.fn(s, a))

@@ -387,6 +387,18 @@ class PostgresQueue:
     def running_jobs(self) -> list[Row]:
         return self._run(lambda c: self._all(c, "running_jobs"))
 
+    # -- reads for the dashboard (dispatcher/web.py) ----------------------------------------------------
+
+    def budget_history(self, window_s: float, limit: int = 10_000) -> list[Row]:
+        """The attempts that held memory in the last window_s seconds: pool, memory_limit_bytes, claimed_at and
+        finished_at (None: still holding it), oldest first."""
+        return self._run(lambda c: self._all(c, "budget_history", window_s=window_s, limit=limit))
+
+    def recent_timings(self, limit: int) -> list[Row]:
+        """The latest jobs that have run, newest first: id, state, size_class, run_s (their attempts' time) and
+        total_s (submit to end, or to now)."""
+        return self._run(lambda c: self._all(c, "recent_timings", limit=limit))
+
     # -- notifications --------------------------------------------------------------------------------
 
     def watch(self, wake: Callable[[], None]) -> None:

@@ -32,7 +32,7 @@ class Settings(BaseSettings, JobOptions):
     runtime: Literal["docker", "process", "kubernetes", "render"] = "docker"
     process_state_dir: str = "var/process-units"  # process runtime: logs, pids and exit codes of its units
     cgroup_root: str | None = None  # process runtime on cgroup v2: a delegated cgroup with +memory
-    process_cap: Literal["auto", "rlimit"] = "auto"
+    process_cap: Literal["auto", "rlimit", "watchdog"] = "auto"
     k8s_namespace: str = "jobcell"
     k8s_service_account: str | None = None
     # Render: the cells' own base service (never the dispatcher's: a one-off job inherits its base service's
@@ -57,6 +57,20 @@ class Settings(BaseSettings, JobOptions):
     max_attempts: int = Field(default=5, ge=1)
     backoff_exponent: float = Field(default=4.0, ge=0)
     backoff_cap_s: float = Field(default=3600.0, gt=0)
+    # The dispatcher's /metrics, /healthz and /readyz (dispatcher/observe.py): off unless a port is given;
+    # loopback by default, since metrics name pools and classes (0.0.0.0 in a pod, for the kubelet's probes)
+    http_port: int | None = Field(default=None, ge=1, le=65535)
+    http_host: str = Field(default="127.0.0.1", min_length=1)
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for log shippers
+
+    # `jobcell web` (dispatcher/web.py): loopback by default, and it refuses to start without a token or a
+    # basic-auth user and password, since the pages show documents' text (often medical)
+    web_host: str = Field(default="127.0.0.1", min_length=1)
+    web_port: int = Field(default=8088, ge=1, le=65535)
+    web_token: SecretStr | None = None
+    web_user: str | None = Field(default=None, min_length=1)
+    web_password: SecretStr | None = None
+    web_actions: bool = False  # cancel and retry buttons; off: the dashboard only reads
 
     @field_validator("memory_budget")
     @classmethod
@@ -68,6 +82,13 @@ class Settings(BaseSettings, JobOptions):
         else:
             parse_bytes(v)
         return v.strip()
+
+    @field_validator("web_token", "web_password")
+    @classmethod
+    def _web_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:  # it guards medical text: no guessable secrets
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        return v
 
     def table(self) -> SizeClassTable:
         return load_table_from(self.classes, self.classes_file)

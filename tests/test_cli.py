@@ -271,10 +271,10 @@ def test_wait_warns_when_no_dispatcher_is_running(cli_env, queue):
     proc = subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "submit", "--diag", "sleep_s=0", "--wait"],
                             cwd=ROOT, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        out, err = proc.communicate(timeout=9)
+        _, err = proc.communicate(timeout=9)
     except subprocess.TimeoutExpired:
         proc.send_signal(2)  # Ctrl-C: the job stays queued, and jobcell says so without a traceback
-        out, err = proc.communicate(timeout=10)
+        _, err = proc.communicate(timeout=10)
     assert "no dispatcher has been seen in the last minute" in err, err
     assert "interrupted (submitted jobs keep running" in err and "Traceback" not in err
     status = jobcell("status", env=cli_env)

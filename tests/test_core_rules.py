@@ -50,7 +50,7 @@ def test_the_import_contracts_hold():
     ("job_image/pipeline.py", "import dispatcher.loop"),
 ])
 def test_a_wrong_import_breaks_a_contract(tmp_path, module, wrong):
-    for part in ("dispatcher", "job_image", "pyproject.toml"):
+    for part in ("dispatcher", "job_image", "jobcell", "pyproject.toml"):
         src = ROOT / part
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / part)
     target = tmp_path / module

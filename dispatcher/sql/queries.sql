@@ -262,3 +262,22 @@ WHERE (%(state)s::text IS NULL OR state = %(state)s::text)
   AND (%(since_s)s::float8 IS NULL OR created_at >= now() - make_interval(secs => %(since_s)s::float8))
 ORDER BY id DESC
 LIMIT %(limit)s;
+
+-- name: budget_history
+-- The dashboard's memory-over-time chart: every attempt that held memory in the last window_s seconds, with its
+-- pool, its limit and the span it held it (from its claim, when admission spends the budget, to its end).
+SELECT pool, memory_limit_bytes, claimed_at, finished_at FROM job_attempts
+WHERE finished_at IS NULL OR finished_at >= now() - make_interval(secs => %(window_s)s)
+ORDER BY claimed_at
+LIMIT %(limit)s;
+
+-- name: recent_timings
+-- The dashboard's wait-and-run chart: the latest jobs that have had an attempt, with the seconds their attempts
+-- ran (a running one: so far) and the seconds since submit (to the end, or now).
+SELECT j.id, j.state, j.size_class,
+       sum(coalesce(a.duration_s, extract(epoch FROM now() - coalesce(a.started_at, a.claimed_at))))::float8 AS run_s,
+       extract(epoch FROM coalesce(j.finished_at, now()) - j.created_at)::float8 AS total_s
+FROM jobs j JOIN job_attempts a ON a.job_id = j.id
+GROUP BY j.id
+ORDER BY j.id DESC
+LIMIT %(limit)s;
