@@ -131,9 +131,16 @@ class Cgroups:
 
     @staticmethod
     def remove(path: Path | None) -> None:
-        if path is not None:
-            with contextlib.suppress(OSError):
+        if path is None:
+            return
+        for _ in range(20):  # busy until the processes just killed have exited
+            try:
                 path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.05)
 
 
 class ProcessRuntime:
