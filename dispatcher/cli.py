@@ -245,10 +245,10 @@ def cmd_status(s: Settings, a: argparse.Namespace) -> int:
     if why:
         print(f"warning: {why}")
     if running:
-        print(_table([(r["id"], r["tier"], format_bytes(r["memory_limit_bytes"]), r["attempt"],
-                       _pages(r["pages_stored"], r["pages_total"]), r["pool"], r["lease_owner"],
+        print(_table([(r["id"], r["tier"], format_bytes(r["memory_limit_bytes"]), format_bytes(r["memory_now"]),
+                       r["attempt"], _pages(r["pages_stored"], r["pages_total"]), r["pool"], r["lease_owner"],
                        _ago(r["started_at"], now)) for r in running],
-                     ["running", "tier", "limit", "attempt", "pages", "pool", "dispatcher", "for"]))
+                     ["running", "tier", "limit", "memory now", "attempt", "pages", "pool", "dispatcher", "for"]))
     else:
         print("no job running")
     by_pool: dict[str, int] = {}

@@ -264,6 +264,9 @@ class Dispatcher:
 
     def heartbeat(self) -> None:
         self.queue.alive(self.cfg.owner, self.cfg.pool, self.runtime.name)
+        samples = [(w.spec.job_id, w.spec.attempt, m) for w in list(self.watched.values())
+                   if w.handle is not None and (m := self.runtime.memory_now(w.handle)) is not None]
+        self.queue.observe_memory(samples)
         keys = {w.spec.job_id: w for w in self.watched.values()}
         ours, cancels = self.queue.heartbeat(self.cfg.owner, list(keys))
         for job_id, w in keys.items():

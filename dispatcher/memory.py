@@ -42,6 +42,7 @@ class _Attempt:
     duration_s: float | None = None
     kill_reason: str | None = None
     error: str | None = None
+    memory_now: int | None = None
 
 
 class MemoryQueue:
@@ -208,6 +209,12 @@ class MemoryQueue:
                 reaped.append(j.id)
             return reaped
 
+    def observe_memory(self, samples: Sequence[tuple[int, int, int]]) -> None:
+        with self._lock:
+            for job_id, attempt, used in samples:
+                if (job_id, attempt) in self._attempts:
+                    self._attempts[(job_id, attempt)].memory_now = used
+
     def alive(self, owner: str, pool: str, runtime: str) -> None:
         with self._lock:
             self.seen[owner] = (pool, runtime, self.now())
@@ -371,6 +378,10 @@ class MemoryRuntime:
 
     def owned(self) -> Sequence[Handle]:
         return [u.handle for u in self.units.values()]
+
+    def memory_now(self, handle: Handle) -> int | None:
+        unit = self.units.get(handle.ref)
+        return unit.script.peak_bytes if unit is not None else None
 
     def watch(self, wake: Callable[[], None]) -> None:
         """Polled only."""

@@ -48,6 +48,9 @@ class Runtime(Protocol):
     def owned(self) -> Sequence[Handle]:
         """Every unit this runtime's pool launched and has not cleaned up, running or ended."""
 
+    def memory_now(self, handle: Handle) -> int | None:
+        """The unit's memory in use as last measured while it runs; None where the runtime cannot see it."""
+
     def watch(self, wake: Callable[[], None]) -> None:
         """Call wake() whenever a unit may have ended, so the loop need not wait for its next poll.
         A runtime that can only be polled may do nothing."""
@@ -144,6 +147,9 @@ class Queue(Results, Protocol):
 
     def reap(self, pool: str, keep: Sequence[int]) -> list[int]:
         """Requeue (or fail) running jobs of `pool` whose lease expired, except `keep`; their attempts are lost."""
+
+    def observe_memory(self, samples: Sequence[tuple[int, int, int]]) -> None:
+        """Running attempts' memory in use now, as (job, attempt, bytes): what operators watch live."""
 
     def alive(self, owner: str, pool: str, runtime: str) -> None:
         """Record that this dispatcher is running (every heartbeat): clients can tell when none is."""

@@ -272,6 +272,11 @@ class PostgresQueue:
             return [r["id"] for r in rows]
         return self._run(go)
 
+    def observe_memory(self, samples: Sequence[tuple[int, int, int]]) -> None:
+        if samples:
+            self._run(lambda c: self._one(c, "observe_memory", jobs=[s[0] for s in samples],
+                                          attempts=[s[1] for s in samples], used=[s[2] for s in samples]))
+
     def alive(self, owner: str, pool: str, runtime: str) -> None:
         self._run(lambda c: self._one(c, "alive", owner=owner, pool=pool, runtime=runtime))
 

@@ -318,6 +318,14 @@ def attempts_timeline(job: Job, attempts: list[dict[str, Any]], now: datetime) -
                tag("figcaption", None, legend))
 
 
+def memory_bar(now: int | None, limit: int) -> Safe:
+    """A running unit's memory in use against its limit, as its runtime last measured it."""
+    if now is None:
+        return tag("span", {"class": "muted"}, "not measured")
+    return tag("span", {"class": "memory-now", "title": f"{format_bytes(now)} of {format_bytes(limit)}"},
+               peak_bar(now, limit, limit, None, width=120), " ", format_bytes(now))
+
+
 def peak_bar(peak: int | None, limit: int, scale: int, outcome: str | None, width: int = 220) -> Safe:
     """One attempt's peak memory inside its limit; every bar of a job on the same scale (its largest limit)."""
     lw = width * limit / max(scale, 1)
@@ -566,13 +574,15 @@ class Dashboard:
                 tag("td", {"class": "doc"}, name), tag("td", None, r["tier"]),
                 tag("td", {"class": "num"}, r["attempt"]),
                 tag("td", {"class": "num"}, format_bytes(r["memory_limit_bytes"])),
+                tag("td", None, memory_bar(r["memory_now"], int(r["memory_limit_bytes"] or 0))),
                 tag("td", None, progress_bar(int(r["pages_stored"]), r["pages_total"])),
                 tag("td", None, r["pool"]), tag("td", None, r["lease_owner"]),
                 tag("td", None, _ago(r["started_at"], now))))
         running_table = tag(
             "table", {"id": "running"},
             tag("thead", None, tag("tr", None, [tag("th", None, h) for h in (
-                "job", "document", "tier", "attempt", "limit", "pages", "pool", "dispatcher", "started")])),
+                "job", "document", "tier", "attempt", "limit", "memory now", "pages", "pool", "dispatcher",
+                "started")])),
             tag("tbody", None, running_rows)) if running_rows else tag("p", {"class": "muted"}, "no job running")
 
         dispatchers = (tag("ul", {"class": "inline"},

@@ -37,7 +37,7 @@ def test_migrate_is_idempotent(cli_env, pg_server):
     first = jobcell("migrate", env=env)
     assert first.returncode == 0, first.stderr
     assert ("applied: 0001_queue.sql, 0002_pages.sql, 0003_sealed_cells.sql, 0004_client.sql, "
-            "0005_dispatchers.sql") in first.stdout
+            "0005_dispatchers.sql, 0006_live_memory.sql") in first.stdout
     again = jobcell("migrate", env=env)
     assert again.returncode == 0 and "up to date" in again.stdout
 

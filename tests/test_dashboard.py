@@ -389,3 +389,27 @@ def test_cancel_and_retry_only_when_enabled(queue, start_dispatcher, pool, web, 
         page.goto(f"{w.url}/jobs/{bad}")
         assert page.locator("#attempts tbody tr.attempt").count() == 2
         shot(page, "job-retried")
+
+
+def test_running_jobs_show_their_live_memory(queue, start_dispatcher, web):
+    """The runtime's last sample of a running cell (Docker's stats), written at each heartbeat: in the
+    overview and in `jobcell status`, while the job holds its 40 MiB."""
+    from .conftest import diag
+
+    job = diag(queue, alloc_mib=40, sleep_s=20)
+    start_dispatcher()
+    w = web()
+
+    def memory_now() -> int:
+        rows = [r for r in queue.running_jobs() if r["id"] == job]
+        return int(rows[0]["memory_now"] or 0) if rows else 0
+
+    used = wait_for(lambda: memory_now() > 40 * 1024 * 1024 and memory_now(), 30, "a live memory sample")
+    assert used <= 64 * 1024 * 1024
+    status, _, body = fetch(f"{w.url}/", BEARER)
+    assert status == 200 and "memory now" in body and 'class="memory-now"' in body
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCELL_")}
+    env.update(JOBCELL_DATABASE_URL=queue._dsn, JOBCELL_CLASSES=json.dumps(TEST_CLASSES))
+    out = subprocess.run([sys.executable, "-m", "dispatcher.cli", "status"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert "memory now" in out.stdout and "MiB" in out.stdout.split("memory now", 1)[1], out.stdout

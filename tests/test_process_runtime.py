@@ -105,7 +105,9 @@ def test_without_a_cgroup_a_sigkill_from_outside_is_lost_not_oom(queue, start_di
         sid = (unit / "pid").read_text() if (unit / "pid").exists() else ""
         for pid in unit_tree(proc_table(with_uid=True), int(sid), None) - {int(sid)} if sid else ():  # not sh
             with contextlib.suppress(OSError):
-                if b"job_image.entrypoint" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                # the job itself, once unshare, prlimit and setpriv have exec'd into it (their argv names it too)
+                if b"job_image.entrypoint" in argv and Path(argv[0].decode()).name.startswith("python"):
                     return pid
         return None
 

@@ -72,6 +72,7 @@ class DockerRuntime:
         self.client = client or docker.from_env(timeout=60)
         self.documents = documents  # the store, read on the trusted side and streamed into the cell
         self._peaks: dict[str, int] = {}  # container id -> highest memory usage sampled
+        self._now: dict[str, int] = {}  # container id -> memory usage at the last sample
 
     # -- launch ---------------------------------------------------------------------------------------
 
@@ -197,12 +198,18 @@ class DockerRuntime:
                     seen = int(mem.get("max_usage") or mem.get("usage") or 0)
                     if seen:
                         self._peaks[c["Id"]] = max(self._peaks.get(c["Id"], 0), seen)
+                    if mem.get("usage"):
+                        self._now[c["Id"]] = int(mem["usage"])
             except Exception as e:  # the engine is down or the container just went: try again later
                 log.debug("memory sampling skipped: %s", e)
             time.sleep(self.options.stats_every_s)
 
     def _forget(self, ref: str) -> None:
         self._peaks.pop(ref, None)
+        self._now.pop(ref, None)
+
+    def memory_now(self, handle: Handle) -> int | None:
+        return self._now.get(handle.ref)
 
     def kill(self, handle: Handle) -> None:
         try:

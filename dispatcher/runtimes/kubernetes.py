@@ -324,6 +324,10 @@ class KubernetesRuntime:
     def cleanup(self, handle: Handle) -> None:
         self._delete(handle, grace_period=None)
 
+    def memory_now(self, handle: Handle) -> int | None:
+        """Not measured: the API reports no live memory without a metrics server."""
+        return None
+
     def owned(self) -> Sequence[Handle]:
         o = self.options
         labels: dict[str, Any] = {LABEL_POOL: label_value(o.pool), LABEL_QUEUE: label_value(o.queue_id)}

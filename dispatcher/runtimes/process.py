@@ -356,6 +356,15 @@ class ProcessRuntime:
             shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(unit, ignore_errors=True)
 
+    def memory_now(self, handle: Handle) -> int | None:
+        unit = Path(handle.ref)
+        cgroup = _cgroup(unit)
+        for name in ("memory.usage_in_bytes", "memory.current"):
+            with contextlib.suppress(OSError, ValueError):
+                return int((cgroup / name).read_text()) if cgroup else None
+        watched = self.watchdog.watched(unit) if self.watchdog is not None else None
+        return watched.now if watched is not None else None
+
     def owned(self) -> Sequence[Handle]:
         out = []
         for unit in sorted(self.units.glob("*-*")) if self.units.is_dir() else []:
@@ -381,6 +390,7 @@ class _Watched:
     uid: int | None  # sealed: the unit's own uid, which no process of any other unit has
     enforce: bool  # cap=watchdog: kill past the limit; otherwise only measure
     peak: int = 0
+    now: int = 0  # private resident memory at the last sample
     written: int = 0
     top_file: int = 0  # RssFile of its largest process at the peak
     killed: bool = False
@@ -410,6 +420,10 @@ class Watchdog:
             with self._lock:
                 self._watched.setdefault(unit, watched)
         self.start()
+
+    def watched(self, unit: Path) -> _Watched | None:
+        with self._lock:
+            return self._watched.get(unit)
 
     def forget(self, unit: Path) -> None:
         with self._lock:
@@ -454,6 +468,7 @@ class Watchdog:
                 self.forget(w.unit)
                 continue
             memory = tree_memory(members)
+            w.now = memory.private
             if memory.private > w.peak:  # the file pages at the peak: poll() takes them off the rusage high-water
                 w.peak, w.top_file = memory.private, memory.top_file
             self._record(w)

@@ -323,6 +323,10 @@ class RenderRuntime:
     def cleanup(self, handle: Handle) -> None:
         """Render keeps a job's record and logs; there is nothing of ours to remove (its URL expires)."""
 
+    def memory_now(self, handle: Handle) -> int | None:
+        """Not measured: the API reports no live memory without a metrics server."""
+        return None
+
     def owned(self) -> Sequence[Handle]:
         out = []
         # Pending and running only: Render keeps every ended job. One that ended while no dispatcher watched

@@ -139,7 +139,8 @@ FROM jobs GROUP BY state, size_class;
 
 -- name: running_jobs
 SELECT j.id, j.tier, j.memory_limit_bytes, j.pool, j.lease_owner, j.attempt, a.started_at, j.document_uri,
-       j.pages_total, (SELECT count(*) FROM document_pages p WHERE p.job_id = j.id) AS pages_stored
+       j.pages_total, (SELECT count(*) FROM document_pages p WHERE p.job_id = j.id) AS pages_stored,
+       a.memory_now, a.memory_seen_at
 FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.attempt = j.attempt
 WHERE j.state = 'running' ORDER BY j.id;
 
@@ -281,3 +282,8 @@ FROM jobs j JOIN job_attempts a ON a.job_id = j.id
 GROUP BY j.id
 ORDER BY j.id DESC
 LIMIT %(limit)s;
+
+-- name: observe_memory
+UPDATE job_attempts a SET memory_now = m.used, memory_seen_at = now()
+FROM unnest(%(jobs)s::bigint[], %(attempts)s::int[], %(used)s::bigint[]) AS m(job_id, attempt, used)
+WHERE a.job_id = m.job_id AND a.attempt = m.attempt AND a.outcome IS NULL;
