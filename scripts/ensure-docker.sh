@@ -33,8 +33,7 @@ else
     apt_install docker.io
   fi
   command -v docker >/dev/null || die "docker CLI missing after install"
-  # A dockerd that is still starting must not get a twin fighting over its pidfile.
-  if ! pgrep -x dockerd >/dev/null; then
+  start_dockerd() {
     [[ $(id -u) -eq 0 ]] || die "dockerd is not running and only root can start it: start Docker (e.g. 'sudo systemctl start docker')"
     log "starting dockerd with live-restore (log: /tmp/jobcell-dockerd.log)"
     # live-restore: running job containers survive an engine restart, and the dispatcher re-attaches.
@@ -43,8 +42,15 @@ else
     grep -qs '"live-restore"' /etc/docker/daemon.json || flags+=(--live-restore)
     # setsid+nohup: the daemon must outlive this script and the CI step's process group.
     setsid nohup dockerd "${flags[@]}" >/tmp/jobcell-dockerd.log 2>&1 </dev/null &
-  fi
-  for _ in $(seq 60); do docker_ok && break; sleep 1; done
+  }
+  # A dockerd that is still starting must not get a twin fighting over its pidfile; one that is still shutting
+  # down (an engine restart) is waited out, then a new one is started.
+  pgrep -x dockerd >/dev/null || start_dockerd
+  for _ in $(seq 60); do
+    docker_ok && break
+    sleep 1
+    pgrep -x dockerd >/dev/null || start_dockerd
+  done
   docker_ok || die "dockerd did not become ready within 60 s; see /tmp/jobcell-dockerd.log"
   log "docker engine: ready"
 fi

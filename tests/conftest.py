@@ -149,10 +149,12 @@ INFRA = {"docker_client", "pg_server", "db_url", "queue", "job_image", "runtime"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that needs no engine, no database and no image is a unit test: `pytest -m unit` runs them alone."""
+    """A test that needs no engine, no database and no image is a unit test: `pytest -m unit` runs them alone.
+    A disruptive test (it restarts the engine) runs last, so that nothing else shares its outage."""
     for item in items:
         if not INFRA & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.unit)
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
 
 
 @pytest.fixture(params=["docker", "process", "kubernetes", "render", "memory"])

@@ -32,6 +32,7 @@ def engine_up() -> bool:
         return False
 
 
+@pytest.mark.disruptive
 @pytest.mark.skipif(not engine_is_ours(), reason="the engine is not one this test run started (not root)")
 def test_a_cell_keeps_running_across_an_engine_restart(queue, start_dispatcher, docker_client, pool):
     assert docker_client.info()["LiveRestoreEnabled"], "scripts/ensure-docker.sh enables live-restore"
@@ -40,6 +41,7 @@ def test_a_cell_keeps_running_across_an_engine_restart(queue, start_dispatcher, 
     [cell] = wait_for(lambda: pool_containers(docker_client, pool, running_only=True), what="a running cell")
     subprocess.run(["pkill", "-TERM", "-x", "dockerd"], check=True)
     wait_for(lambda: not engine_up(), timeout=60, what="the engine to stop")
+    wait_for(lambda: not engine_is_ours(), timeout=60, what="dockerd to exit")  # it may take a while to stop
     time.sleep(3)  # the engine stays down a while; the cell does not notice
     started = subprocess.run(["bash", "scripts/ensure-docker.sh"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120, check=False)
