@@ -73,12 +73,13 @@ def test_without_a_cgroup_the_watchdog_caps_the_job_as_oom_and_the_next_tier_suc
     assert (small["tier"], small["outcome"], medium["tier"], medium["outcome"]) == \
         ("small", "oom", "medium", "succeeded")
     assert small["peak_memory_bytes"] == small["memory_limit_bytes"] == 64 * MIB
-    assert small["oom_killed"] is True  # the runtime's own signal, not only the cell's word
     if step_sleep_s:  # 8 MiB every 100 ms: the watchdog sees the tree pass 64 MiB long before RLIMIT_DATA (80)
+        assert small["oom_killed"] is True  # the runtime's own signal, not only the cell's word
         assert small["exit_code"] == 137
         assert "killed by the process runtime's watchdog" in small["error"]
-    else:  # faster than it samples: RLIMIT_DATA refuses an allocation (the cell exits 86), or the watchdog kills
-        assert small["exit_code"] in (86, 137)
+    else:  # faster than it samples: RLIMIT_DATA refuses an allocation (the cell reports it, exit 86: oom
+        # by the contract), or the watchdog kills (the runtime's own signal)
+        assert (small["exit_code"], small["oom_killed"]) in ((86, False), (86, True), (137, True))
     # the tree's own peak: above what it allocated, within its cap (not the host's, capped to the limit)
     assert 100 * MIB < medium["peak_memory_bytes"] < 160 * MIB
 
