@@ -10,7 +10,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from job_image.contract import EXIT_BAD_INPUT, DocumentInfo, Header, JobOptions, Limits, PageResult, reason_text
+from job_image.contract import (
+    EXIT_BAD_INPUT,
+    DocumentInfo,
+    Header,
+    JobOptions,
+    Limits,
+    PageResult,
+    oversized,
+    reason_text,
+)
 
 from .channel import ChannelReader, Refused
 from .classes import SizeClassTable, format_bytes
@@ -138,11 +147,9 @@ class Dispatcher:
         spec = w.spec
         log.info("job %s attempt %s: launching on %s (%s)", *w.key, spec.tier, format_bytes(spec.memory_limit_bytes),
                  extra={"job": spec.job_id, "attempt": spec.attempt, "tier": spec.tier})
-        limit = self.cfg.job_options.max_input_bytes
-        if w.job.document_bytes > limit:  # refused before any cell starts: nothing to stream, nothing to retry
-            reason = (f"the file is {w.job.document_bytes / 1e6:.1f} MB, over the {limit / 1e6:g} MB limit "
-                      "(JOBCELL_MAX_INPUT_BYTES)")
-            self._finish(w, Exit(exit_code=EXIT_BAD_INPUT, reason=reason))
+        too_large = oversized(w.job.document_bytes, self.cfg.job_options)
+        if too_large:  # refused before any cell starts: nothing to stream, nothing to retry
+            self._finish(w, Exit(exit_code=EXIT_BAD_INPUT, reason=too_large))
             return None
         try:
             header = self._header(w)
@@ -331,8 +338,7 @@ class Dispatcher:
         completed = None
         reader = w.reader
         if outcome is Outcome.SUCCEEDED:
-            why = "its output could not be read to the end" if reader is None or (w.reading and w.reading.is_alive()) \
-                else reader.incomplete()
+            why = self._incomplete(w)
             if why is not None:  # an exit code is only a claim: success needs the whole result
                 outcome, ended = Outcome.ERROR, replace(ended, reason=why)
             elif reader is not None and reader.document is not None:
@@ -360,6 +366,13 @@ class Dispatcher:
             log.warning("job %s attempt %s: ended as %s but the lease was no longer ours; left to its owner",
                         *w.key, outcome.value)
         self.watched.pop(w.key, None)
+
+    @staticmethod
+    def _incomplete(w: Watched) -> str | None:
+        """Why an exit 0 is not a success: output not read to its end, or not a whole result."""
+        if w.reader is None or (w.reading is not None and w.reading.is_alive()):
+            return "its output could not be read to the end"
+        return w.reader.incomplete()
 
     @staticmethod
     def _peak(w: Watched, ended: Exit, outcome: Outcome) -> int | None:

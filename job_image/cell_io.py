@@ -22,6 +22,7 @@ from .contract import (
     Peak,
     TempFail,
     encode,
+    oversized,
 )
 
 _CHUNK = 1024 * 1024
@@ -40,9 +41,9 @@ def read_header(stdin: BinaryIO) -> Header:
 
 def receive_document(header: Header, stdin: BinaryIO, scratch: Path) -> Path:
     """The document on scratch: exactly header.document_bytes from stdin, or from the presigned URL."""
-    if header.document_bytes > header.options.max_input_bytes:
-        raise BadInput(f"the file is {header.document_bytes / 1e6:.1f} MB, over the "
-                       f"{header.options.max_input_bytes / 1e6:g} MB limit (JOBCELL_MAX_INPUT_BYTES)")
+    too_large = oversized(header.document_bytes, header.options)
+    if too_large:
+        raise BadInput(too_large)
     suffix = Path(header.document_name).suffix.lower()[:8]
     dest = scratch / f"document{suffix if suffix.isascii() and suffix[1:].isalnum() else ''}"
     url = os.environ.get(ENV_DOCUMENT_URL)

@@ -154,6 +154,14 @@ def decode(line: bytes) -> Record:
         raise ValueError(f"invalid record ({where}: {first['msg']})") from None
 
 
+def oversized(document_bytes: int, options: JobOptions) -> str | None:
+    """Why a document is too large to process (bad input), or None: one rule for dispatcher and cell."""
+    if document_bytes <= options.max_input_bytes:
+        return None
+    return (f"the file is {document_bytes / 1e6:.1f} MB, over the {options.max_input_bytes / 1e6:g} MB limit "
+            "(JOBCELL_MAX_INPUT_BYTES)")
+
+
 def reason_text(text: str) -> str:
     """A cell's words made safe to show: printable, one line, truncated."""
     clean = "".join(ch if ch.isprintable() else "?" for ch in text.strip())
