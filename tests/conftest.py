@@ -281,5 +281,11 @@ def wait_for(pred: Callable[[], Any], timeout: float = 60, what: str = "conditio
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_removed(runtime: Any, timeout: float = 30) -> None:
+    """A unit is removed just after its outcome is recorded (recorded first, so a crash in between loses
+    nothing): a final state may be visible a moment before the unit is gone."""
+    wait_for(lambda: runtime.owned() == [], timeout=timeout, what=f"{runtime.name} to remove its units")
+
+
 def classes_json(classes: list[dict[str, Any]] | None = None) -> str:
     return json.dumps(classes or TEST_CLASSES)

@@ -8,7 +8,7 @@ from dispatcher.classes import load_table
 from dispatcher.models import MIB, JobState
 from dispatcher.queue import PostgresQueue
 
-from .conftest import TEST_CLASSES, diag, sql, wait_final, wait_for
+from .conftest import TEST_CLASSES, diag, sql, wait_final, wait_for, wait_removed
 
 # Render's API exposes neither a job's logs nor its memory: no reason line and no peak to read there.
 SEES_LOGS = {"docker", "process", "kubernetes", "memory"}
@@ -27,7 +27,7 @@ def test_success_records_the_peak(queue, start_dispatcher, any_runtime):
     assert (a["outcome"], a["exit_code"], a["runtime"]) == ("succeeded", 0, any_runtime.name)
     if any_runtime.name in SEES_LOGS:
         assert 20 * MIB < a["peak_memory_bytes"] <= 64 * MIB
-    assert any_runtime.owned() == []
+    wait_removed(any_runtime)
 
 
 def test_oom_on_small_is_retried_on_medium_and_succeeds(queue, start_dispatcher, any_runtime):
@@ -96,7 +96,7 @@ def test_a_job_past_its_deadline_is_killed_as_timeout(queue, start_dispatcher, a
     assert (tier, outcome) == ("small", "timeout") and code in (137, None)  # None: the Job itself was deleted
     # killed by the dispatcher at the deadline, or (Kubernetes) by activeDeadlineSeconds, whichever came first
     assert queue.attempts(job)[0]["kill_reason"] in ("deadline", None)
-    assert any_runtime.owned() == []
+    wait_removed(any_runtime)
 
 
 def test_cancel_kills_a_running_job_within_seconds(queue, start_dispatcher, any_runtime):
@@ -107,7 +107,7 @@ def test_cancel_kills_a_running_job_within_seconds(queue, start_dispatcher, any_
     [j] = wait_final(queue, [job], timeout=15)
     assert j.state is JobState.CANCELLED
     assert outcomes(queue, job)[0][1] == "cancelled"
-    assert any_runtime.owned() == []
+    wait_removed(any_runtime)
 
 
 def test_a_restarted_dispatcher_adopts_running_units(queue, start_dispatcher, any_runtime):
@@ -119,7 +119,7 @@ def test_a_restarted_dispatcher_adopts_running_units(queue, start_dispatcher, an
     start_dispatcher(rt=any_runtime, owner="second")
     jobs = wait_final(queue, ids, timeout=60)
     assert [(j.state, j.attempt) for j in jobs] == [(JobState.SUCCEEDED, 1)] * 2
-    assert any_runtime.owned() == []
+    wait_removed(any_runtime)
 
 
 def test_cancel_of_a_queued_job_never_starts_it(queue):
