@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .models import MIB, Running
+from .errors import ConfigError, NotFound
+from .models import ALL_TIERS, MIB, Running
 
 _UNITS = {"b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": MIB, "mb": 1000**2, "mib": MIB,
           "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
@@ -120,6 +120,13 @@ class SizeClassTable(BaseModel):
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    def pause_scope(self, scope: str) -> str:
+        """What a pause may name: every tier ("*") or one class of this table."""
+        if scope != ALL_TIERS and scope not in self.names:
+            raise NotFound(f"no class {scope!r} to pause or resume; known: {', '.join(self.names)} "
+                           f"(or {ALL_TIERS!r} for all)")
+        return scope
 
     def resolve(self, name: str, memory_limit_bytes: int | None = None) -> SizeClass:
         """The class by name; for a name the table no longer has (renamed or removed while jobs ran or waited),

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -19,11 +19,12 @@ from jobcell import Client, __version__
 
 from .classes import SizeClassTable, format_bytes, parse_seconds
 from .errors import JobcellError, NotFound
-from .models import Job, JobState, NewJob
+from .models import ALL_TIERS, Job, JobState, NewJob
 from .observe import use_json_logs
 from .queue import PostgresQueue
+from .retention import prune
 from .settings import Settings, load_settings
-from .wiring import build_dispatcher, build_http, build_manifests, build_queue, build_store
+from .wiring import build_dispatcher, build_http, build_manifests, build_queue, build_retention, build_store
 
 log = logging.getLogger("jobcell")
 
@@ -131,9 +132,66 @@ def _no_dispatcher(q: PostgresQueue) -> str | None:
             "(the jobs wait queued until one is)")
 
 
+class _Rate:
+    """Pages per second as this client watched them arrive, for an ETA; None until two readings differ."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.first: dict[int, tuple[float, int]] = {}
+        self.clock = clock
+
+    def eta_s(self, job_id: int, stored: int, total: int | None) -> float | None:
+        now = self.clock()
+        t0, n0 = self.first.setdefault(job_id, (now, stored))
+        if total is None or stored <= n0 or now <= t0:
+            return None
+        return (total - stored) / ((stored - n0) / (now - t0))
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f", about {seconds:.0f} s left" if seconds < 90 else f", about {seconds / 60:.0f} min left"
+
+
 def _wait(q: PostgresQueue, ids: list[int]) -> int:
+    """Follow the jobs until each is final: a live progress display on a terminal, plain lines otherwise."""
+    if sys.stdout.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("pages"),
+                   TimeRemainingColumn())
+        with Progress(*columns, transient=True) as bar:
+            tasks = {i: bar.add_task(f"job {i}", total=None) for i in ids}
+
+            def show(job: Job, stored: int, total: int | None, changed: str | None) -> None:
+                if changed:
+                    bar.console.print(changed, highlight=False, markup=False)
+                bar.update(tasks[job.id], completed=stored, total=total,
+                           description=f"job {job.id} {job.state.value} on {job.tier}")
+            jobs = _follow(q, ids, show)
+    else:
+        rate, shown = _Rate(), dict[int, tuple[int, float]]()  # pages last printed, and when
+
+        def plain(job: Job, stored: int, total: int | None, changed: str | None) -> None:
+            if changed:
+                print(changed, flush=True)
+            eta = rate.eta_s(job.id, stored, total)
+            last, at = shown.get(job.id, (0, 0.0))
+            if stored > last and (time.monotonic() - at >= 5 or stored == total):  # pages as they arrive
+                shown[job.id] = (stored, time.monotonic())
+                print(f"job {job.id}: page {_pages(stored, total)} stored{_eta(eta)}", flush=True)
+        jobs = _follow(q, ids, plain)
+    failed = [j.id for j in jobs if j.state is not JobState.SUCCEEDED]
+    print()
+    print(_summary(q, ids))
+    print(f"\n{len(jobs) - len(failed)} succeeded, {len(failed)} failed or cancelled")
+    return 1 if failed else 0
+
+
+def _follow(q: PostgresQueue, ids: list[int],
+            show: Callable[[Job, int, int | None, str | None], None]) -> list[Job]:
+    """Poll until every job is final, telling `show` each job's pages and any change of state."""
     seen: dict[int, tuple[str, int]] = {}
-    shown: dict[int, tuple[int, float]] = {}  # pages last printed, and when
     checked_at, warned = time.monotonic(), False
     while True:
         jobs = q.jobs(ids)
@@ -143,24 +201,16 @@ def _wait(q: PostgresQueue, ids: list[int]) -> int:
             if why:
                 print(f"jobcell: warning: {why}", file=sys.stderr, flush=True)
                 warned = True
-        progress = q.progress([j.id for j in jobs if j.state is JobState.RUNNING])
+        progress = q.progress([j.id for j in jobs if j.state is not JobState.QUEUED])
         for j in jobs:
-            now = (j.state.value, j.attempt)
+            now, changed = (j.state.value, j.attempt), None
             if seen.get(j.id) != now:
                 seen[j.id] = now
                 extra = f": {j.reason}" if j.reason else ""
-                print(f"job {j.id}: {j.state.value} (attempt {j.attempt}, tier {j.tier}){extra}", flush=True)
-            stored, total = progress.get(j.id, (0, None))
-            last, at = shown.get(j.id, (0, 0.0))
-            if stored > last and (time.monotonic() - at >= 5 or stored == total):  # pages as they arrive
-                shown[j.id] = (stored, time.monotonic())
-                print(f"job {j.id}: page {_pages(stored, total)} stored", flush=True)
+                changed = f"job {j.id}: {j.state.value} (attempt {j.attempt}, tier {j.tier}){extra}"
+            show(j, *progress.get(j.id, (0, None)), changed)
         if all(j.state.final for j in jobs):
-            failed = [j.id for j in jobs if j.state is not JobState.SUCCEEDED]
-            print()
-            print(_summary(q, ids))
-            print(f"\n{len(jobs) - len(failed)} succeeded, {len(failed)} failed or cancelled")
-            return 1 if failed else 0
+            return jobs
         time.sleep(0.5)
 
 
@@ -177,6 +227,9 @@ def cmd_report(s: Settings, a: argparse.Namespace) -> int:
     missing = sorted(set(a.ids) - {j.id for j in q.jobs(a.ids)})
     if missing:
         raise NotFound(f"no job {', '.join(map(str, missing))}")
+    if a.json:
+        print(_json(q.summary(a.ids)))
+        return 0
     print(_summary(q, a.ids))
     return 0
 
@@ -195,12 +248,14 @@ def cmd_run(s: Settings, a: argparse.Namespace) -> int:
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
-        manifests = build_manifests(s, build_queue(s, give_up_after_s=None))
-        if manifests is not None:
-            manifests.start()
+        workers = [w for w in (build_manifests(s, build_queue(s, give_up_after_s=None)),
+                               build_retention(s, build_queue(s, give_up_after_s=None), build_store(s)))
+                   if w is not None]  # each on a thread of its own: never in the dispatch loop's way
+        for w in workers:
+            w.start()
         d.run()
-        if manifests is not None:
-            manifests.stop()
+        for w in workers:
+            w.stop()
     finally:
         if http is not None:
             http.stop()
@@ -224,8 +279,30 @@ def cmd_cancel(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pause(s: Settings, a: argparse.Namespace) -> int:
+    p = Client(s).pause(a.size_class or ALL_TIERS, a.reason)
+    what = "every class" if p.scope == ALL_TIERS else f"class {p.scope}"
+    print(f"paused {what}: no new job of it starts (running ones go on); `jobcell resume` lifts it")
+    return 0
+
+
+def cmd_resume(s: Settings, a: argparse.Namespace) -> int:
+    scope = a.size_class or ALL_TIERS
+    what = "every class" if scope == ALL_TIERS else f"class {scope}"
+    if Client(s).resume(scope):
+        print(f"resumed {what}")
+    else:
+        print(f"{what} was not paused" + (" (a pause of a single class is lifted with --class)"
+                                           if scope == ALL_TIERS and Client(s).paused() else ""))
+    return 0
+
+
 def _ago(t: datetime | None, now: datetime) -> str:
     return "-" if t is None else f"{(now - t).total_seconds():.0f} s"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v))
 
 
 def cmd_status(s: Settings, a: argparse.Namespace) -> int:
@@ -234,14 +311,22 @@ def cmd_status(s: Settings, a: argparse.Namespace) -> int:
     classes = [c.name for c in s.table().classes]
     states = [st.value for st in JobState]
     grid = {(r["state"], r["size_class"]): r["n"] for r in counts}
-    print(_table([[st, *[grid.get((st, c), 0) for c in classes]] for st in states], ["state", *classes]))
-    running = q.running_jobs()
-    now = q.now()
-    print()
-    for d in q.dispatchers():
-        if d["silent_s"] < NO_DISPATCHER_S:
-            print(f"dispatcher {d['id']}: pool {d['pool']}, {d['runtime']}, up {_ago(d['started_at'], now)}")
+    running, now, paused = q.running_jobs(), q.now(), q.paused()
+    seen = [d for d in q.dispatchers() if d["silent_s"] < NO_DISPATCHER_S]
     why = _no_dispatcher(q)
+    if a.json:
+        print(_json({"counts": {st: {c: grid.get((st, c), 0) for c in classes} for st in states},
+                     "running": running, "dispatchers": seen, "paused": [vars(p) for p in paused],
+                     "budget_bytes": _budget(s), "warning": why}))
+        return 0
+    print(_table([[st, *[grid.get((st, c), 0) for c in classes]] for st in states], ["state", *classes]))
+    print()
+    for d in seen:
+        print(f"dispatcher {d['id']}: pool {d['pool']}, {d['runtime']}, up {_ago(d['started_at'], now)}")
+    for p in paused:
+        what = "every class" if p.scope == ALL_TIERS else f"class {p.scope}"
+        print(f"paused: {what} since {_ago(p.paused_at, now)} ago" + (f": {p.reason}" if p.reason else "")
+              + " (`jobcell resume` lifts it)")
     if why:
         print(f"warning: {why}")
     if running:
@@ -337,18 +422,12 @@ def cmd_prune(s: Settings, a: argparse.Namespace) -> int:
         age_s = parse_seconds(a.older_than)
     except ValueError as e:
         raise JobcellError(f"--older-than: {e}") from None
-    q = build_queue(s)
-    old = q.prunable(age_s)
-    pages, attempts = sum(r["pages"] for r in old), sum(r["attempts"] for r in old)
-    what = f"{len(old)} finished job(s) older than {a.older_than}: {attempts} attempt(s), {pages} page(s)"
+    done = prune(build_queue(s), build_store(s), age_s, dry_run=not a.yes)
     if not a.yes:
-        print(f"would delete {what}, and their stored documents no other job uses (dry run: add --yes)")
+        print(f"would delete {done.jobs} finished job(s) older than {a.older_than}: {done.attempts} attempt(s), "
+              f"{done.pages} page(s), and their stored documents no other job uses (dry run: add --yes)")
         return 0
-    ids, documents = q.prune([r["id"] for r in old], age_s)
-    store = build_store(s)
-    for uri in documents:
-        store.delete(uri)
-    print(f"deleted {len(ids)} job(s) with their attempts, pages and results, and {len(documents)} stored "
+    print(f"deleted {done.jobs} job(s) with their attempts, pages and results, and {done.documents} stored "
           "document(s)")
     return 0
 
@@ -431,9 +510,18 @@ def parser() -> argparse.ArgumentParser:
     cn.add_argument("ids", nargs="+", type=int)
     cn.set_defaults(fn=cmd_cancel)
     st = sub.add_parser("status", help="counts by state and class, running jobs, memory in use")
+    st.add_argument("--json", action="store_true", help="the same as one JSON object")
     st.set_defaults(fn=cmd_status)
+    for name, fn, says in (("pause", cmd_pause, "start no new job of a class (default: any class)"),
+                           ("resume", cmd_resume, "lift a pause")):
+        ps = sub.add_parser(name, help=says)
+        ps.add_argument("--class", dest="size_class", help="one size class (default: the whole queue)")
+        if name == "pause":
+            ps.add_argument("--reason", help="shown by `jobcell status`")
+        ps.set_defaults(fn=fn)
     rp = sub.add_parser("report", help="one line per job: outcome, pages, tiers tried, peak memory, time")
     rp.add_argument("ids", nargs="+", type=int)
+    rp.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     rp.set_defaults(fn=cmd_report)
     sh = sub.add_parser("show", help="a job and every attempt")
     sh.add_argument("id", type=int)

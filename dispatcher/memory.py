@@ -18,7 +18,7 @@ from job_image.contract import EXIT_OK, DocumentInfo, Done, PageResult, Peak, en
 
 from .classes import Admission, SizeClassTable
 from .errors import NotFound
-from .models import MIB, Exit, Handle, Job, JobState, KillReason, LaunchSpec, NewJob, Outcome, Running
+from .models import ALL_TIERS, MIB, Exit, Handle, Job, JobState, KillReason, LaunchSpec, NewJob, Outcome, Pause, Running
 from .ports import CellInput, Claimed, Finish
 
 
@@ -56,6 +56,7 @@ class MemoryQueue:
         self._attempts: dict[tuple[int, int], _Attempt] = {}
         self._pages: dict[tuple[int, int], tuple[int, PageResult]] = {}  # (job, page) -> (attempt, page)
         self._totals: dict[int, int] = {}
+        self._paused: dict[str, Pause] = {}
         self.completed: dict[int, tuple[str, int, str]] = {}  # job -> media type, pages, manifest status
         self._lock = threading.RLock()
         self._wake: list[Callable[[], None]] = []
@@ -104,7 +105,8 @@ class MemoryQueue:
                        if j.state is JobState.RUNNING and j.pool == pool]
             admission = Admission(self._table, budget_bytes, running, self.reserve_after_s)
             queued = sorted((j for j in self._jobs.values() if j.state is JobState.QUEUED and j.scheduled_at <= now
-                             and not j.cancel_requested), key=lambda j: (-j.priority, j.scheduled_at, j.id))
+                             and not j.cancel_requested and not {ALL_TIERS, j.tier} & self._paused.keys()),
+                            key=lambda j: (-j.priority, j.scheduled_at, j.id))
             seen: dict[str, int] = {}
             candidates = []
             for j in queued:  # up to N of each tier, as the Postgres claim: no backlog hides another class
@@ -224,6 +226,21 @@ class MemoryQueue:
             for j in list(self._jobs.values()):
                 if j.lease_owner == owner and j.state is JobState.RUNNING:
                     self._set(j.id, lease_expires_at=self.now())
+
+    def pause(self, scope: str, reason: str | None = None) -> Pause:
+        with self._lock:
+            old = self._paused.get(self._table.pause_scope(scope))
+            p = Pause(scope, old.paused_at if old else self.now(), reason or (old.reason if old else None))
+            self._paused[scope] = p
+            return p
+
+    def resume(self, scope: str) -> bool:
+        with self._lock:
+            return self._paused.pop(self._table.pause_scope(scope), None) is not None
+
+    def paused(self) -> list[Pause]:
+        with self._lock:
+            return sorted(self._paused.values(), key=lambda p: p.scope)
 
     def cancel(self, job_id: int) -> str:
         with self._lock:

@@ -114,6 +114,18 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Pause:
+    """An operator's pause: no new attempt of this scope is claimed until it is resumed."""
+
+    scope: str  # ALL_TIERS or a class name
+    paused_at: datetime
+    reason: str | None = None
+
+
+ALL_TIERS = "*"
+
+
+@dataclass(frozen=True)
 class Running:
     """One running job as admission sees it: the tier slot and memory it holds."""
 

@@ -9,7 +9,7 @@ from typing import BinaryIO, Protocol
 
 from job_image.contract import Header, PageResult
 
-from .models import Exit, Handle, Job, KillReason, LaunchSpec, NewJob, Outcome
+from .models import Exit, Handle, Job, KillReason, LaunchSpec, NewJob, Outcome, Pause
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,14 @@ class Queue(Results, Protocol):
         """Expire our leases now, so that the next dispatcher adopts our units at once."""
 
     def cancel(self, job_id: int) -> str: ...
+
+    def pause(self, scope: str, reason: str | None = None) -> Pause:
+        """Stop claiming new attempts of a tier (or ALL_TIERS); running ones go on. Pausing twice is harmless."""
+
+    def resume(self, scope: str) -> bool:
+        """Lift a pause; False if that scope was not paused."""
+
+    def paused(self) -> list[Pause]: ...
 
     def get(self, job_id: int) -> Job: ...
 

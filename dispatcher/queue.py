@@ -17,7 +17,7 @@ from job_image.contract import PageResult
 
 from .classes import Admission, SizeClassTable
 from .errors import ConfigError, DatabaseUnavailable, NotFound, StateError
-from .models import Job, JobState, KillReason, LaunchSpec, NewJob, Outcome, Running
+from .models import Job, JobState, KillReason, LaunchSpec, NewJob, Outcome, Pause, Running
 from .ports import Claimed, Finish
 from .sql import migrations, query
 
@@ -292,6 +292,17 @@ class PostgresQueue:
         if row is None:
             raise NotFound(f"no job {job_id}")
         return str(row["state"])
+
+    def pause(self, scope: str, reason: str | None = None) -> Pause:
+        row = self._run(lambda c: self._one(c, "pause", scope=self._table.pause_scope(scope), reason=reason))
+        assert row is not None
+        return Pause(**row)
+
+    def resume(self, scope: str) -> bool:
+        return self._run(lambda c: self._one(c, "resume", scope=self._table.pause_scope(scope))) is not None
+
+    def paused(self) -> list[Pause]:
+        return [Pause(**r) for r in self._run(lambda c: self._all(c, "paused"))]
 
     def retry(self, job_id: int, more_attempts: int) -> Job:
         """Run a failed or cancelled job again, keeping its history; NotFound/JobcellError otherwise."""

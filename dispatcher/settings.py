@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from job_image.contract import JobOptions
 
-from .classes import SizeClassTable, load_table_from, parse_bytes
+from .classes import SizeClassTable, load_table_from, parse_bytes, parse_seconds
 from .errors import ConfigError
 
 
@@ -62,6 +62,10 @@ class Settings(BaseSettings, JobOptions):
     http_port: int | None = Field(default=None, ge=1, le=65535)
     http_host: str = Field(default="127.0.0.1", min_length=1)
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for log shippers
+    # Retention on a schedule: every dispatcher prunes finished jobs older than this (e.g. 30d), with their
+    # pages, results and stored documents, each prune_every_s; unset: nothing is deleted unless `jobcell prune`
+    prune_after: str | None = None
+    prune_every_s: float = Field(default=3600.0, ge=1)
 
     # `jobcell web` (dispatcher/web.py): loopback by default, and it refuses to start without a token or a
     # basic-auth user and password, since the pages show documents' text (often medical)
@@ -82,6 +86,16 @@ class Settings(BaseSettings, JobOptions):
         else:
             parse_bytes(v)
         return v.strip()
+
+    @field_validator("prune_after")
+    @classmethod
+    def _age(cls, v: str | None) -> str | None:
+        if v is not None and parse_seconds(v) < 3600:
+            raise ValueError("keep finished jobs at least an hour (e.g. 30d, 12h)")
+        return v
+
+    def prune_after_s(self) -> float | None:
+        return None if self.prune_after is None else parse_seconds(self.prune_after)
 
     @field_validator("web_token", "web_password")
     @classmethod

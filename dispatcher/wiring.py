@@ -16,6 +16,7 @@ from .observe import HttpServer, PrometheusObserver
 from .outcome import Backoff
 from .ports import DocumentStore, Runtime
 from .queue import PostgresQueue
+from .retention import RetentionWorker
 from .runtimes.docker import DockerOptions, DockerRuntime
 from .runtimes.process import ProcessOptions, ProcessRuntime
 from .settings import Settings
@@ -59,6 +60,12 @@ def build_runtime(s: Settings, queue_id: str, store: DocumentStore,
                             user=s.job_user, pids_limit=s.pids_limit, tmpfs_size=s.tmpfs_size,
                             scratch_size=s.scratch_size, cpus=s.job_cpus)
     return DockerRuntime(options, client=client, documents=store.open)
+
+
+def build_retention(s: Settings, queue: PostgresQueue, store: DocumentStore) -> RetentionWorker | None:
+    """Scheduled pruning; None unless JOBCELL_PRUNE_AFTER is set."""
+    age_s = s.prune_after_s()
+    return None if age_s is None else RetentionWorker(queue, store, age_s, s.prune_every_s)
 
 
 def build_manifests(s: Settings, queue: PostgresQueue) -> ManifestWorker | None:

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import psycopg
 
 from dispatcher.errors import DatabaseUnavailable, JobcellError
-from dispatcher.models import Job, JobState, NewJob
+from dispatcher.models import ALL_TIERS, Job, JobState, NewJob, Pause
 from dispatcher.ports import DocumentStore
 from dispatcher.queue import EVENTS_CHANNEL, PostgresQueue
 from dispatcher.settings import Settings, load_settings
@@ -190,6 +190,17 @@ class Client:
         self.queue.retry(job_id, attempts or self.settings.max_attempts)
         return self.get(job_id)
 
+    def pause(self, size_class: str = ALL_TIERS, reason: str | None = None) -> Pause:
+        """Stop starting jobs of a class (default: every class); running jobs go on, queued ones wait."""
+        return self.queue.pause(size_class, reason)
+
+    def resume(self, size_class: str = ALL_TIERS) -> bool:
+        """Start jobs of that class again; False if it was not paused."""
+        return self.queue.resume(size_class)
+
+    def paused(self) -> list[Pause]:
+        return self.queue.paused()
+
     @contextlib.contextmanager
     def _listening(self) -> Iterator[psycopg.Connection[Any]]:
         """A connection that listens to the events channel; a lost connection is a DatabaseUnavailable."""
@@ -241,4 +252,4 @@ def _as_path(document: Document, name: str | None) -> Iterator[tuple[str, str]]:
         yield str(path), name or "upload"
 
 
-__all__ = ["Client", "Document", "Event", "JobView", "Page", "Result"]
+__all__ = ["Client", "Document", "Event", "JobView", "Page", "Pause", "Result"]

@@ -308,3 +308,93 @@ def test_list_filters_and_json_output(cli_env, queue, db_url):
     assert shown["id"] == failed and shown["attempts"] == []
     bad = jobcell("list", "--state", "lost", env=cli_env)
     assert bad.returncode == 2 and "--state 'lost': one of queued, running" in bad.stderr
+
+
+def test_pause_and_resume_a_class_from_the_command_line(cli_env, queue, start_dispatcher, pool):
+    import json
+
+    from dispatcher.memory import MemoryRuntime
+
+    from .conftest import diag, wait_final
+
+    small, medium = diag(queue), diag(queue, size_class="medium")
+    paused = jobcell("pause", "--class", "small", "--reason", "scanner firmware update", env=cli_env)
+    assert paused.returncode == 0 and "paused class small" in paused.stdout
+    start_dispatcher(rt=MemoryRuntime(pool=pool))
+    assert wait_final(queue, [medium], timeout=30)[0].state is JobState.SUCCEEDED
+    assert queue.get(small).state is JobState.QUEUED  # the dispatcher ran the rest, not the paused class
+    status = jobcell("status", env=cli_env).stdout
+    assert "paused: class small since" in status and "scanner firmware update" in status
+    as_json = json.loads(jobcell("status", "--json", env=cli_env).stdout)
+    assert [p["scope"] for p in as_json["paused"]] == ["small"] and as_json["counts"]["queued"]["small"] == 1
+    assert jobcell("resume", "--class", "small", env=cli_env).stdout.strip() == "resumed class small"
+    assert wait_final(queue, [small], timeout=30)[0].state is JobState.SUCCEEDED
+    assert "was not paused" in jobcell("resume", env=cli_env).stdout
+    report = json.loads(jobcell("report", str(small), str(medium), "--json", env=cli_env).stdout)
+    assert [(r["id"], r["state"], r["path"]) for r in report] == [(small, "succeeded", "small succeeded"),
+                                                                  (medium, "succeeded", "medium succeeded")]
+    bad = jobcell("pause", "--class", "huge", env=cli_env)
+    assert bad.returncode == 2 and "no class 'huge' to pause or resume; known: small, medium, large" in bad.stderr
+
+
+def test_the_dispatcher_prunes_on_a_schedule_when_asked(cli_env, queue, db_url, tmp_path, docker_client, job_image):
+    from .conftest import diag, sql, wait_for
+
+    old, recent, waiting = diag(queue), diag(queue), diag(queue, sleep_s=600)
+    sql(db_url, "UPDATE jobs SET state = 'failed', finished_at = now() - interval '3 hours' WHERE id = %s", old)
+    sql(db_url, "UPDATE jobs SET state = 'failed', finished_at = now() - interval '10 minutes' WHERE id = %s",
+        recent)
+    sql(db_url, "UPDATE jobs SET state = 'cancelled', finished_at = now() - interval '1 day', "
+                "cancel_requested = true WHERE id = %s", waiting)
+    sql(db_url, "UPDATE jobs SET state = 'queued', finished_at = NULL, cancel_requested = false, "
+                "scheduled_at = now() + interval '1 day' WHERE id = %s", waiting)  # queued, old, never pruned
+    env = dict(cli_env, JOBCELL_PRUNE_AFTER="1h", JOBCELL_PRUNE_EVERY_S="1", JOBCELL_POLL_INTERVAL_S="0.2")
+    proc = subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "run"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: not sql(db_url, "SELECT 1 FROM jobs WHERE id = %s", old), timeout=60, what="the prune")
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert sorted(r[0] for r in sql(db_url, "SELECT id FROM jobs")) == [recent, waiting]
+    assert "retention: deleted 1 finished job(s) older than 3600 s" in out, out
+    refused = jobcell("run", env=dict(cli_env, JOBCELL_PRUNE_AFTER="5m"), timeout=30)
+    assert refused.returncode == 2 and "JOBCELL_PRUNE_AFTER" in refused.stderr and "at least an hour" in refused.stderr
+
+
+def test_wait_on_a_terminal_shows_a_live_progress_display(cli_env, queue, start_dispatcher, pool):
+    import pty
+
+    from dispatcher.memory import MemoryRuntime
+
+    start_dispatcher(rt=MemoryRuntime(pool=pool))
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "submit", "--diag", "sleep_s=2", "--wait"],
+                            cwd=ROOT, env=dict(cli_env, COLUMNS="100"), stdin=follower, stdout=follower,
+                            stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.wait(30) == 0
+    text = seen.decode(errors="replace")
+    assert "\x1b[" in text and "━" in text  # rich drew a live bar on the terminal (cursor moves, a bar)
+    assert "running (attempt 1, tier small)" in text and "1 succeeded, 0 failed or cancelled" in text
+
+
+def test_plain_progress_gives_an_eta_from_the_pages_seen_arriving():
+    from dispatcher import cli
+
+    clock = iter([100.0, 110.0, 120.0])
+    rate = cli._Rate(clock=lambda: next(clock))
+    assert rate.eta_s(7, 10, 100) is None  # one reading: no rate yet
+    assert rate.eta_s(7, 20, 100) == pytest.approx(80.0)  # 10 pages in 10 s, 80 to go
+    assert cli._eta(rate.eta_s(7, 40, 100)) == ", about 40 s left"  # 30 pages in 20 s, 60 to go
+    assert cli._eta(600.0) == ", about 10 min left" and cli._eta(None) == ""

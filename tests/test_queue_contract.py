@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from dispatcher.errors import NotFound
 from dispatcher.memory import MemoryQueue
 from dispatcher.models import MIB, Exit, JobState, NewJob, Outcome
 from dispatcher.ports import Completed, Finish
@@ -119,3 +120,28 @@ def test_pages_are_taken_only_from_the_running_attempt_and_once(any_queue):
     finish(q, "d", job, 1, state="queued", outcome="oom")
     assert not q.put_page(job, 1, page(2))  # the attempt has ended
     assert q.done_pages(job, 2) == [1] and q.done_pages(job, 1) == []
+
+
+def test_a_paused_class_is_not_claimed_until_resumed_and_running_jobs_are_untouched(any_queue):
+    q = any_queue.queue
+    running = submit(q, "small")
+    [c] = q.claim("d", "p", 4096 * MIB, 1)
+    small, medium = submit(q, "small"), submit(q, "medium")
+    p = q.pause("small", "maintenance")
+    assert (p.scope, p.reason) == ("small", "maintenance") and q.pause("small").reason == "maintenance"
+    assert [x.job.id for x in q.claim("d", "p", 4096 * MIB, 10)] == [medium]
+    assert q.get(c.job.id).state is JobState.RUNNING and q.get(small).state is JobState.QUEUED
+    q.pause("*")
+    assert [p.scope for p in q.paused()] == ["*", "small"]
+    assert q.resume("small") is True and q.resume("small") is False
+    assert q.claim("d", "p", 4096 * MIB, 10) == []  # the whole queue is still paused
+    assert q.resume("*") is True and q.paused() == []
+    assert [x.job.id for x in q.claim("d", "p", 4096 * MIB, 10)] == [small]
+    assert running == c.job.id
+
+
+def test_only_a_known_class_or_the_whole_queue_can_be_paused(any_queue):
+    with pytest.raises(NotFound, match="no class 'huge' to pause or resume; known: small, medium, large"):
+        any_queue.queue.pause("huge")
+    with pytest.raises(NotFound):
+        any_queue.queue.resume("huge")

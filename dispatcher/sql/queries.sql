@@ -24,7 +24,8 @@ SELECT *, extract(epoch FROM now() - scheduled_at) AS waited_s FROM jobs
 WHERE id IN (
     SELECT id FROM (
         SELECT id, row_number() OVER (PARTITION BY tier ORDER BY priority DESC, scheduled_at, id) AS n
-        FROM jobs WHERE state = 'queued' AND scheduled_at <= now() AND NOT cancel_requested) ranked
+        FROM jobs WHERE state = 'queued' AND scheduled_at <= now() AND NOT cancel_requested
+          AND NOT EXISTS (SELECT 1 FROM paused p WHERE p.scope IN ('*', jobs.tier))) ranked
     WHERE n <= %(per_tier)s)
 ORDER BY priority DESC, scheduled_at, id
 FOR UPDATE SKIP LOCKED;
@@ -216,6 +217,17 @@ UPDATE document_manifests
 SET status = %(status)s, model = %(model)s, manifest = %(manifest)s, error = %(error)s, tries = tries + 1,
     next_try_at = now() + make_interval(secs => %(delay_s)s)
 WHERE job_id = %(job_id)s;
+
+-- name: pause
+INSERT INTO paused (scope, reason) VALUES (%(scope)s, %(reason)s)
+ON CONFLICT (scope) DO UPDATE SET reason = coalesce(EXCLUDED.reason, paused.reason)
+RETURNING scope, paused_at, reason;
+
+-- name: resume
+DELETE FROM paused WHERE scope = %(scope)s RETURNING scope;
+
+-- name: paused
+SELECT scope, paused_at, reason FROM paused ORDER BY scope;
 
 -- name: progress
 SELECT j.id, j.pages_total, (SELECT count(*) FROM document_pages p WHERE p.job_id = j.id) AS pages_stored
