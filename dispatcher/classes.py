@@ -5,9 +5,10 @@ from __future__ import annotations
 import itertools
 import json
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -61,6 +62,9 @@ class SizeClass(BaseModel):
     memory_limit_bytes: Annotated[int, Field(ge=6 * MIB)]  # Docker refuses less than 6 MiB
     max_running: Annotated[int, Field(ge=1)]
     timeout_s: Annotated[float, Field(gt=0)]
+    # Where this tier's cells run; None: the dispatcher's JOBCELL_RUNTIME. Routing lets small documents run as
+    # capped processes on a small worker while large ones go to a runtime with bigger machines (a Render plan).
+    runtime: Literal["docker", "process", "kubernetes", "render"] | None = None
 
     @field_validator("max_input_bytes", "memory_limit_bytes", mode="before")
     @classmethod
@@ -200,54 +204,73 @@ def load_table_from(text: str | None, path: str | None) -> SizeClassTable:
     return load_table(DEFAULT_TABLE)
 
 
-def check_budget(table: SizeClassTable, budget_bytes: int) -> None:
-    """Refuse a budget that could never admit the top tier: its jobs would wait forever."""
-    if budget_bytes < table.top.memory_limit_bytes:
-        raise ConfigError(
-            f"the memory budget ({format_bytes(budget_bytes)}) is smaller than the {table.top.name!r} class "
-            f"limit ({format_bytes(table.top.memory_limit_bytes)}): raise JOBCELL_MEMORY_BUDGET "
-            f"or lower that class's memory_limit_bytes")
+def check_budget(table: SizeClassTable, budget_bytes: int, budgets: Mapping[str, int] | None = None) -> None:
+    """Refuse a budget that could never admit the largest tier it serves: its jobs would wait forever. `budgets`
+    are those of runtimes that classes are routed to; every other class counts against `budget_bytes`."""
+    routed = budgets or {}
+    for c in reversed(table.classes):  # the largest class of each budget first
+        if c.runtime is not None and c.runtime in routed:
+            have, name = routed[c.runtime], f"JOBCELL_RUNTIME_BUDGETS[{c.runtime!r}]"
+        else:
+            have, name = budget_bytes, "JOBCELL_MEMORY_BUDGET"
+        if have < c.memory_limit_bytes:
+            raise ConfigError(
+                f"the memory budget {name} ({format_bytes(have)}) is smaller than the {c.name!r} class limit "
+                f"({format_bytes(c.memory_limit_bytes)}): raise {name} or lower that class's memory_limit_bytes")
+
+
+@dataclass
+class Ledger:
+    """One memory budget: the default runtime's, or one that classes are routed to."""
+
+    budget_bytes: int
+    used_bytes: int = 0
+    reserved_bytes: int = 0
+    reserved_for: int | None = None
 
 
 class Admission:
-    """Whether a job may start now: a free slot in its tier AND room in the memory budget.
+    """Whether a job may start now: a free slot in its tier AND room in the memory budget of its runtime.
 
     Fair both ways: candidates come per tier (a backlog of one class never hides another's jobs), and a job
     that has waited `reserve_after_s` for memory gets it reserved: smaller jobs may still start, but only in
     the room left beside the reservation (backfill, as batch schedulers do), so a steady stream of small jobs
-    cannot hold a large one back forever.
+    cannot hold a large one back forever. Classes routed to a runtime with a budget of its own (`budgets`,
+    by runtime name) count against that budget only: a Render plan's memory is not the worker's.
     """
 
     def __init__(self, table: SizeClassTable, budget_bytes: int, running: Iterable[Running],
-                 reserve_after_s: float = 120.0) -> None:
+                 reserve_after_s: float = 120.0, budgets: Mapping[str, int] | None = None) -> None:
         self.table = table
-        self.budget_bytes = budget_bytes
         self.reserve_after_s = reserve_after_s
+        self.ledgers: dict[str | None, Ledger] = {None: Ledger(budget_bytes)}
+        self.ledgers.update({name: Ledger(b) for name, b in (budgets or {}).items()})
         self.slots: dict[str, int] = {c.name: 0 for c in table.classes}
-        self.used_bytes = 0
-        self.reserved_bytes = 0
-        self.reserved_for: int | None = None
         for r in running:
             tier = table.resolve(r.tier, r.memory_limit_bytes).name
             self.slots[tier] = self.slots.get(tier, 0) + 1
-            self.used_bytes += r.memory_limit_bytes
+            self.ledger(tier).used_bytes += r.memory_limit_bytes
+
+    def ledger(self, tier: str) -> Ledger:
+        runtime = self.table.get(tier).runtime
+        return self.ledgers[runtime if runtime in self.ledgers else None]
 
     def fits(self, tier: str) -> bool:
-        c = self.table.get(tier)
-        room = self.budget_bytes - self.reserved_bytes
-        return self.slots[tier] < c.max_running and self.used_bytes + c.memory_limit_bytes <= room
+        c, book = self.table.get(tier), self.ledger(tier)
+        room = book.budget_bytes - book.reserved_bytes
+        return self.slots[tier] < c.max_running and book.used_bytes + c.memory_limit_bytes <= room
 
     def consider(self, job_id: int, tier: str, waited_s: float) -> bool:
-        """True if the job may start now; otherwise it may get the reservation (one per claim, and candidates
-        come oldest first, so it goes to the job that has waited longest)."""
+        """True if the job may start now; otherwise it may get its budget's reservation (one per budget and
+        claim, and candidates come oldest first, so it goes to the job that has waited longest)."""
         if self.fits(tier):
             return True
-        c = self.table.get(tier)
-        if (self.reserved_for is None and waited_s >= self.reserve_after_s and self.slots[tier] < c.max_running
-                and c.memory_limit_bytes <= self.budget_bytes):
-            self.reserved_for, self.reserved_bytes = job_id, c.memory_limit_bytes
+        c, book = self.table.get(tier), self.ledger(tier)
+        if (book.reserved_for is None and waited_s >= self.reserve_after_s and self.slots[tier] < c.max_running
+                and c.memory_limit_bytes <= book.budget_bytes):
+            book.reserved_for, book.reserved_bytes = job_id, c.memory_limit_bytes
         return False
 
     def take(self, tier: str) -> None:
         self.slots[tier] += 1
-        self.used_bytes += self.table.get(tier).memory_limit_bytes
+        self.ledger(tier).used_bytes += self.table.get(tier).memory_limit_bytes

@@ -35,7 +35,7 @@ log = logging.getLogger("jobcell.dispatcher")
 class LoopConfig:
     owner: str
     pool: str
-    budget_bytes: int
+    budget_bytes: int  # the default runtime's
     poll_s: float = 1.0
     heartbeat_s: float = 10.0
     reconcile_s: float = 5.0
@@ -46,6 +46,7 @@ class LoopConfig:
     output_limits: Limits = field(default_factory=Limits)
     summarise: bool = False  # a manifest worker on the trusted side summarises succeeded documents
     drain_output_s: float = 30.0  # how long an ended unit's output may take to be read to its end
+    budgets: dict[str, int] = field(default_factory=dict)  # runtimes that classes are routed to, by name
 
 
 @dataclass
@@ -134,7 +135,8 @@ class Dispatcher:
     # -- steps ----------------------------------------------------------------------------------------
 
     def claim_and_launch(self) -> None:
-        claimed = self.queue.claim(self.cfg.owner, self.cfg.pool, self.cfg.budget_bytes, self.cfg.max_claim)
+        claimed = self.queue.claim(self.cfg.owner, self.cfg.pool, self.cfg.budget_bytes, self.cfg.max_claim,
+                                   self.cfg.budgets)
         fresh = [Watched(c.job, c.spec, None, self.clock()) for c in claimed]
         for w in fresh:
             self.watched[w.key] = w
@@ -162,7 +164,7 @@ class Dispatcher:
             log.error("job %s attempt %s: launch failed: %s", *w.key, e)
             self._finish(w, Exit(exit_code=None, lost=True, reason=f"launch failed: {e}"))
             return e
-        self.queue.started(spec.job_id, spec.attempt, self.runtime.name, w.handle.ref)
+        self.queue.started(spec.job_id, spec.attempt, w.handle.runtime, w.handle.ref)
         self._read_output(w, header.done_pages)
         return None
 

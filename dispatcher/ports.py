@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Protocol
@@ -124,7 +124,8 @@ class Queue(Results, Protocol):
     def submit(self, job: NewJob) -> tuple[int, bool]:
         """Enqueue; (id, created). A document already submitted returns its existing job."""
 
-    def claim(self, owner: str, pool: str, budget_bytes: int, limit: int) -> list[Claimed]:
+    def claim(self, owner: str, pool: str, budget_bytes: int, limit: int,
+              budgets: Mapping[str, int] | None = None) -> list[Claimed]:
         """Atomically take runnable jobs that fit the tier slots and the memory budget of `pool`."""
 
     def started(self, job_id: int, attempt: int, runtime: str, handle: str) -> None: ...

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -155,12 +155,13 @@ class PostgresQueue:
             return existing["id"], False
         return self._run(go)
 
-    def claim(self, owner: str, pool: str, budget_bytes: int, limit: int) -> list[Claimed]:
+    def claim(self, owner: str, pool: str, budget_bytes: int, limit: int,
+              budgets: Mapping[str, int] | None = None) -> list[Claimed]:
         def go(conn: psycopg.Connection[Row]) -> list[Claimed]:
             self._one(conn, "lock_pool", pool=pool)
             running = [Running(r["id"], r["tier"], r["memory_limit_bytes"])
                        for r in self._all(conn, "running_in_pool", pool=pool)]
-            admission = Admission(self._table, budget_bytes, running, self.reserve_after_s)
+            admission = Admission(self._table, budget_bytes, running, self.reserve_after_s, budgets)
             taken: list[Claimed] = []
             for row in self._all(conn, "claimable", per_tier=max(limit, 8)):
                 if len(taken) >= limit:

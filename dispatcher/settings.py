@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Literal
 
@@ -30,6 +31,8 @@ class Settings(BaseSettings, JobOptions):
     pool: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,63}$")
     dispatcher_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     runtime: Literal["docker", "process", "kubernetes", "render"] = "docker"
+    # Budgets of the runtimes that classes are routed to (a class's "runtime"), as JSON: {"render": "16GiB"}
+    runtime_budgets: dict[Literal["docker", "process", "kubernetes", "render"], str] = Field(default_factory=dict)
     process_state_dir: str = "var/process-units"  # process runtime: logs, pids and exit codes of its units
     cgroup_root: str | None = None  # process runtime on cgroup v2: a delegated cgroup with +memory
     process_cap: Literal["auto", "rlimit", "watchdog"] = "auto"
@@ -86,6 +89,31 @@ class Settings(BaseSettings, JobOptions):
         else:
             parse_bytes(v)
         return v.strip()
+
+    @field_validator("render_plans")
+    @classmethod
+    def _plans(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {tier: plan for tier, plan in v.items() if not re.fullmatch(r"plan-(srv|crn)-\d{3}", plan)}
+        if bad:
+            raise ValueError(f"{bad} are not Render instance type ids: use plan-srv-006 (starter, 512 MB), "
+                             "plan-srv-008 (standard, 2 GB), plan-srv-010 (pro, 4 GB), plan-srv-011 (pro plus, 8 GB),"
+                             " plan-srv-013 (16 GB) or plan-srv-014 (32 GB); plan-crn-* for a cron job base")
+        return v
+
+    @field_validator("runtime_budgets")
+    @classmethod
+    def _budgets(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, amount in v.items():
+            try:
+                parse_bytes(amount)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        return v
+
+    def runtimes(self) -> list[str]:
+        """Every runtime this dispatcher starts cells on: its own, then those classes are routed to."""
+        routed = sorted({c.runtime for c in self.table().classes if c.runtime and c.runtime != self.runtime})
+        return [self.runtime, *routed]
 
     @field_validator("prune_after")
     @classmethod
@@ -158,10 +186,12 @@ def load_settings() -> Settings:
     if s.runtime in ("kubernetes", "render") and s.memory_budget.endswith("%"):
         raise ConfigError(f"JOBCELL_MEMORY_BUDGET must be an amount (e.g. 8GiB) with JOBCELL_RUNTIME={s.runtime}: "
                           "a share of the dispatcher's own memory says nothing about where jobs run")
-    if s.runtime in ("kubernetes", "render") and not s.s3_bucket:
-        raise ConfigError(f"JOBCELL_RUNTIME={s.runtime} needs JOBCELL_S3_BUCKET: its cells cannot be streamed "
-                          "their document, so each fetches it from the object store by a presigned URL")
-    if s.runtime == "render" and not (s.render_service_id and os.environ.get("RENDER_API_KEY")):
-        raise ConfigError("JOBCELL_RUNTIME=render needs RENDER_API_KEY and JOBCELL_RENDER_SERVICE_ID, the id of "
-                          "the cells' own base service (jobcell-cell in render.yaml), never the dispatcher's own")
+    for runtime in s.runtimes():  # the dispatcher's own runtime and every one a class is routed to
+        where = f"JOBCELL_RUNTIME={runtime}" if runtime == s.runtime else f"a class routed to {runtime}"
+        if runtime in ("kubernetes", "render") and not s.s3_bucket:
+            raise ConfigError(f"{where} needs JOBCELL_S3_BUCKET: its cells cannot be streamed their document, so "
+                              "each fetches it from the object store by a presigned URL")
+        if runtime == "render" and not (s.render_service_id and os.environ.get("RENDER_API_KEY")):
+            raise ConfigError(f"{where} needs RENDER_API_KEY and JOBCELL_RENDER_SERVICE_ID, the id of the cells' "
+                              "own base service (jobcell-cell in render.yaml), never the dispatcher's own")
     return s

@@ -17,6 +17,7 @@ from .outcome import Backoff
 from .ports import DocumentStore, Runtime
 from .queue import PostgresQueue
 from .retention import RetentionWorker
+from .routing import RoutedRuntime, routed_budgets
 from .runtimes.docker import DockerOptions, DockerRuntime
 from .runtimes.process import ProcessOptions, ProcessRuntime
 from .settings import Settings
@@ -36,8 +37,10 @@ def build_store(s: Settings) -> DocumentStore:
 
 
 def build_runtime(s: Settings, queue_id: str, store: DocumentStore,
-                  client: docker.DockerClient | None = None) -> Runtime:
-    if s.runtime == "kubernetes":
+                  client: docker.DockerClient | None = None, name: str | None = None) -> Runtime:
+    """The runtime `name` (default: JOBCELL_RUNTIME) as these settings configure it."""
+    name = name or s.runtime
+    if name == "kubernetes":
         from .runtimes.kubernetes import KubernetesOptions, KubernetesRuntime  # lightkube only where it is used
 
         return KubernetesRuntime(KubernetesOptions(
@@ -45,14 +48,14 @@ def build_runtime(s: Settings, queue_id: str, store: DocumentStore,
             service_account=s.k8s_service_account,
             tmpfs_size=s.tmpfs_size.replace("m", "Mi") if s.tmpfs_size.endswith("m") else s.tmpfs_size),
             presign=store.presign)
-    if s.runtime == "render":
+    if name == "render":
         from .runtimes.render import RenderOptions, RenderRuntime
 
         assert s.render_service_id is not None  # checked when the settings were loaded
         return RenderRuntime(RenderOptions(service_id=s.render_service_id, api_key=os.environ["RENDER_API_KEY"],
                                            pool=s.pool, queue_id=queue_id, plans=s.render_plans),
                              presign=store.presign)
-    if s.runtime == "process":
+    if name == "process":
         return ProcessRuntime(ProcessOptions(state_root=s.process_state_dir, pool=s.pool, queue_id=queue_id,
                                              cgroup_root=s.cgroup_root, cap=s.process_cap,
                                              scratch_bytes=parse_bytes(s.scratch_size)), documents=store.open)
@@ -113,25 +116,32 @@ def build_http(s: Settings) -> HttpServer | None:
 def build_dispatcher(s: Settings, migrate: bool = False, observer: PrometheusObserver | None = None) -> Dispatcher:
     table = s.table()
     client = None
-    if s.runtime == "docker":
+    if "docker" in s.runtimes():
         client = _engine(s)
         try:
             client.images.get(s.job_image)
         except docker.errors.ImageNotFound:
             raise ConfigError(f"the job image {s.job_image!r} is not on this Docker engine: build it "
                               "(scripts/build-job-image.sh) or pull it, or set JOBCELL_JOB_IMAGE") from None
+    if s.runtime == "docker" and client is not None:
         total = int(client.info()["MemTotal"])
-    else:  # process: this host's memory; kubernetes: an explicit amount (checked in settings)
+    else:  # process: this host's memory; kubernetes, render: an explicit amount (checked in settings)
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     budget = s.budget_bytes(total)
-    check_budget(table, budget)
+    budgets = routed_budgets(table, s.runtime, {k: parse_bytes(v) for k, v in s.runtime_budgets.items()})
+    check_budget(table, budget, budgets)
     queue = build_queue(s, give_up_after_s=None)  # the dispatcher waits out a database outage
     if migrate:
         queue.migrate()
     if not s.s3_bucket:
         os.makedirs(s.store_dir, mode=0o700, exist_ok=True)
-    runtime = build_runtime(s, queue.queue_id(), build_store(s), client)
-    config = LoopConfig(owner=s.dispatcher_id, pool=s.pool, budget_bytes=budget, poll_s=s.poll_interval_s,
+    queue_id, store = queue.queue_id(), build_store(s)
+    runtime = build_runtime(s, queue_id, store, client)
+    if len(s.runtimes()) > 1:  # classes routed to other runtimes: one dispatcher, one queue, several runtimes
+        others = [build_runtime(s, queue_id, store, client, name) for name in s.runtimes()[1:]]
+        runtime = RoutedRuntime(runtime, others, table)
+    config = LoopConfig(owner=s.dispatcher_id, pool=s.pool, budget_bytes=budget, budgets=budgets,
+                        poll_s=s.poll_interval_s,
                         heartbeat_s=s.lease_ttl_s / 3, reconcile_s=max(2.0, s.lease_ttl_s / 6),
                         backoff=Backoff(s.backoff_exponent, s.backoff_cap_s), job_options=s.job_options(),
                         summarise=bool(os.environ.get("OPENAI_API_KEY")))

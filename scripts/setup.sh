@@ -6,15 +6,21 @@ cd "$(dirname "$0")/.."
 
 bash scripts/ensure-docker.sh
 bash scripts/ensure-images.sh
-# The dashboard's browser tests drive Debian's chromium: browsers cannot be downloaded here, packages can.
-if ! command -v chromium >/dev/null 2>&1; then
+# Host packages, installed where we can (root with apt; Debian's packages are reachable even when browsers and
+# registries are not): Debian's chromium for the dashboard's browser tests, and tesseract and poppler for the
+# process runtime, which runs the OCR pipeline on the host itself as a Render worker does.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v tesseract >/dev/null 2>&1 || missing+=(tesseract-ocr)
+command -v pdftoppm >/dev/null 2>&1 || missing+=(poppler-utils)
+if ((${#missing[@]})); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    echo "[jobcell] installing chromium (for tests/test_dashboard.py)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-      || echo "[jobcell] WARNING: could not install chromium; tests/test_dashboard.py will fail" >&2
+    echo "[jobcell] installing ${missing[*]}"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } \
+      || echo "[jobcell] WARNING: could not install ${missing[*]}; the tests that need them will fail" >&2
   else
-    echo "[jobcell] chromium is missing and cannot be installed here (not root, or no apt-get): install it" \
-         "to run tests/test_dashboard.py"
+    echo "[jobcell] missing and not installable here (not root, or no apt-get): ${missing[*]}; install them" \
+         "to run the dashboard tests (chromium) and real documents on the process runtime (tesseract, poppler)"
   fi
 fi
 

@@ -173,6 +173,9 @@ class FakeRender:
             if parts[3:] == ["env-vars"] and method == "GET":
                 return 200, [{"envVar": {"key": k, "value": v}, "cursor": f"c-{k}"} for k, v in self.env_vars.items()]
             if parts[3:] == ["jobs"] and method == "POST":
+                if body.get("planId") is not None and body["planId"] not in self.plan_memory:
+                    # Render refuses an instance type it does not know (a plan name such as "starter" included)
+                    return 400, {"id": "bad_request", "message": f"invalid planId: {body['planId']}"}
                 return 201, self._create(body, now)
             if parts[3:] == ["jobs"]:
                 wanted = set(",".join(query.get("status", [])).split(",")) - {""}

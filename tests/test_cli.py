@@ -62,6 +62,10 @@ def test_classes_prints_the_default_table():
     ("JOBCELL_OCR_LANG", "eng;rm -rf", "JOBCELL_OCR_LANG"),
     ("JOBCELL_JOB_ENV", "OPENAI_API_KEY", "JOBCELL_JOB_ENV: cells hold no credentials"),
     ("JOBCELL_STORE_MOUNT", "jobcell-store", "JOBCELL_STORE_MOUNT: cells no longer mount the store"),
+    ("JOBCELL_RENDER_PLANS", '{"large": "starter"}', "are not Render instance type ids: use plan-srv-006"),
+    ("JOBCELL_RUNTIME_BUDGETS", '{"render": "lots"}', "JOBCELL_RUNTIME_BUDGETS"),
+    ("JOBCELL_CLASSES", '[{"name": "small", "memory_limit_bytes": "64MiB", "max_running": 1, "timeout_s": 5, '
+                        '"runtime": "render"}]', "a class routed to render needs JOBCELL_S3_BUCKET"),
 ])
 def test_a_bad_config_is_refused_at_start_saying_what_to_fix(var, value, says):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCELL_")}
@@ -144,6 +148,17 @@ def test_render_needs_its_api_key_and_service():
                JOBCELL_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
     out = jobcell("run", env=env, timeout=30)
     assert out.returncode == 2 and "needs RENDER_API_KEY" in out.stderr
+
+
+def test_a_class_routed_to_another_runtime_needs_a_budget_there(cli_env):
+    classes = '[{"name": "small", "max_input_bytes": "5MB", "memory_limit_bytes": "64MiB", "max_running": 2, ' \
+              '"timeout_s": 60}, {"name": "large", "memory_limit_bytes": "2GiB", "max_running": 1, ' \
+              '"timeout_s": 600, "runtime": "render"}]'
+    env = dict(cli_env, JOBCELL_RUNTIME="process", JOBCELL_CLASSES=classes, JOBCELL_S3_BUCKET="docs",
+               JOBCELL_RENDER_SERVICE_ID="srv-cell", RENDER_API_KEY="rnd_test", JOBCELL_MEMORY_BUDGET="256MiB")
+    out = jobcell("run", env=env, timeout=30)
+    assert out.returncode == 2 and "JOBCELL_RUNTIME_BUDGETS needs a memory budget for 'render' (class large)" \
+        in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("runtime", ["kubernetes", "render"])

@@ -135,7 +135,7 @@ def test_a_job_that_waited_long_enough_gets_its_memory_reserved():
     assert fresh.consider(11, "small", waited_s=0)  # small jobs fill the room meanwhile
     waited = Admission(t, 2560 * MIB, running, reserve_after_s=120)
     assert not waited.consider(10, "large", waited_s=300)  # still no room, but now it is reserved
-    assert waited.reserved_for == 10 and waited.reserved_bytes == 2048 * MIB
+    assert waited.ledger("large").reserved_for == 10 and waited.ledger("large").reserved_bytes == 2048 * MIB
     assert not waited.consider(11, "small", waited_s=0)  # the stream of small jobs no longer starves it
     after = Admission(t, 2560 * MIB, [], reserve_after_s=120)  # the medium job ended
     assert after.consider(10, "large", waited_s=310)
@@ -147,7 +147,7 @@ def test_a_class_renamed_while_jobs_ran_resolves_by_memory():
     assert t.resolve("huge-old-name", 1024 * MIB).name == "medium"
     assert t.resolve("gone", 64 * 1024 * MIB).name == "large" and t.resolve("gone").name == "large"
     a = Admission(t, 8192 * MIB, [Running(1, "gone", 600 * MIB)])  # counted, not a KeyError
-    assert a.used_bytes == 600 * MIB and a.slots["medium"] == 1
+    assert a.ledger("medium").used_bytes == 600 * MIB and a.slots["medium"] == 1
 
 
 def test_parse_bytes():
@@ -194,3 +194,41 @@ def test_decide_never_retries_bad_input_and_backs_off_errors():
     assert d.state is JobState.QUEUED and d.tier == "medium" and 16 <= d.delay_s <= 20
     d = decide(Outcome.LOST, tier="small", attempt=5, max_attempts=5, table=t, backoff=b)
     assert d.state is JobState.FAILED and "gave up after 5 attempts" in (d.reason or "")
+
+
+ROUTED = [dict(c, runtime="render") if c["name"] == "large" else c for c in DEFAULT_TABLE]
+
+
+def test_a_class_routed_to_a_runtime_counts_against_that_runtimes_budget_only():
+    t = load_table(ROUTED)
+    # the worker's 1 GiB holds small and medium jobs; large ones (2 GiB) run on Render's plans, budget 4 GiB
+    a = Admission(t, 1024 * MIB, [Running(1, "small", 512 * MIB), Running(2, "large", 2048 * MIB)],
+                  budgets={"render": 4096 * MIB})
+    assert a.ledger("small").used_bytes == 512 * MIB and a.ledger("large").used_bytes == 2048 * MIB
+    assert a.fits("small") and not a.fits("medium")  # 512 + 1024 > 1024 on the worker
+    assert not a.fits("large")  # its one slot is taken, whatever the budget
+    roomy = Admission(t, 1024 * MIB, [Running(1, "small", 512 * MIB)], budgets={"render": 4096 * MIB})
+    assert roomy.fits("large")  # the worker's budget is not asked: Render's plan is not its memory
+    assert roomy.consider(3, "large", 0) and (roomy.take("large") or True)
+    assert roomy.ledger("large").used_bytes == 2048 * MIB and roomy.ledger("small").used_bytes == 512 * MIB
+
+
+def test_every_budget_must_hold_the_largest_class_routed_to_it():
+    t = load_table(ROUTED)
+    check_budget(t, 1024 * MIB, {"render": 2048 * MIB})  # the worker holds medium; Render holds large
+    with pytest.raises(ConfigError, match=r"JOBCELL_RUNTIME_BUDGETS\['render'\] \(1 GiB\) is smaller than the "
+                                          r"'large' class limit \(2 GiB\)"):
+        check_budget(t, 8192 * MIB, {"render": 1024 * MIB})
+    with pytest.raises(ConfigError, match=r"JOBCELL_MEMORY_BUDGET \(512 MiB\) is smaller than the 'medium'"):
+        check_budget(t, 512 * MIB, {"render": 8192 * MIB})
+
+
+def test_a_routed_runtime_without_a_budget_is_refused_saying_how_to_set_one():
+    from dispatcher.routing import routed_budgets
+
+    t = load_table(ROUTED)
+    assert routed_budgets(t, "process", {"render": 1, "kubernetes": 2}) == {"render": 1}
+    assert routed_budgets(t, "render", {}) == {}  # routed to the default runtime: the default budget
+    with pytest.raises(ConfigError, match=r"JOBCELL_RUNTIME_BUDGETS needs a memory budget for 'render' "
+                                          r"\(class large\): e\.g\. JOBCELL_RUNTIME_BUDGETS='\{\"render\": \"8GiB\"\}'"):
+        routed_budgets(t, "process", {})

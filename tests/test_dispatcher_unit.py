@@ -187,3 +187,33 @@ def test_a_second_dispatcher_adopts_units_whose_lease_expired():
     run(second, 3)
     assert q.get(job).state is JobState.SUCCEEDED and rt.launches == 1  # adopted, never relaunched
     assert q.attempts(job)[0]["dispatcher"] == "second"
+
+
+def test_tiers_run_on_the_runtime_their_class_names_and_an_oom_escalates_across_runtimes():
+    from dispatcher.routing import RoutedRuntime
+
+    table = load_table([dict(c, runtime="render") if c["name"] != "small" else c for c in TEST_CLASSES])
+    worker, render = MemoryRuntime(pool="p"), MemoryRuntime(pool="p")
+    worker.name, render.name = "process", "render"
+    routed = RoutedRuntime(worker, [render], table)
+    q = MemoryQueue(table, lease_ttl_s=30)
+    config = LoopConfig(owner="d", pool="p", budget_bytes=128 * MIB, budgets={"render": 256 * MIB},
+                        backoff=Backoff(exponent=0, cap_s=0, jitter=0), drain_output_s=2)
+    d = Dispatcher(q, routed, table, config)
+    small = [submit(q, alloc_mib=10, sleep_s=0.2) for _ in range(3)]
+    grows = submit(q, alloc_mib=100)  # OOM on small (64 MiB, a process) -> medium (128 MiB, a Render job)
+    large, _ = q.submit(NewJob("diag:", 0, f"diag:{uuid.uuid4()}", "large", workload="diag",
+                               params={"alloc_mib": 10}))
+    d.tick()
+    # the worker's 128 MiB holds two 64 MiB small jobs; Render's 256 MiB holds the large job, not the worker's
+    assert {a["tier"] for j in (*small, grows, large) for a in q.attempts(j)} == {"small", "large"}
+    assert len(worker.owned()) == 2 and len(render.owned()) == 1
+    for _ in range(40):
+        d.tick()
+        if all(q.get(j).state.final for j in (*small, grows, large)):
+            break
+        time.sleep(0.1)
+    assert all(q.get(j).state is JobState.SUCCEEDED for j in (*small, grows, large))
+    assert [(a["tier"], a["outcome"], a["runtime"]) for a in q.attempts(grows)] == [
+        ("small", "oom", "process"), ("medium", "succeeded", "render")]
+    assert [a["runtime"] for a in q.attempts(large)] == ["render"] and routed.name == "process+render"
