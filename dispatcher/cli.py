@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, is_dataclass
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +25,7 @@ from .observe import use_json_logs
 from .queue import PostgresQueue
 from .retention import prune
 from .settings import Settings, load_settings
+from .views import NO_RESULT
 from .wiring import build_dispatcher, build_http, build_manifests, build_queue, build_retention, build_store
 
 log = logging.getLogger("jobcell")
@@ -125,7 +127,7 @@ NO_DISPATCHER_S = 60.0  # four heartbeats at the default lease
 
 def _no_dispatcher(q: PostgresQueue) -> str | None:
     """Why nothing will run, if no dispatcher has been seen lately."""
-    recent = [d for d in q.dispatchers() if d["silent_s"] < NO_DISPATCHER_S]
+    recent = [d for d in q.dispatchers() if d.silent_s < NO_DISPATCHER_S]
     if recent:
         return None
     return ("no dispatcher has been seen in the last minute: is `jobcell run` running for this database? "
@@ -215,9 +217,9 @@ def _follow(q: PostgresQueue, ids: list[int],
 
 
 def _summary(q: PostgresQueue, ids: list[int]) -> str:
-    rows = [(r["id"], os.path.basename(r["source"]) or r["source"], r["state"], r["page_count"], r["path"],
-             format_bytes(r["peak"]), None if r["duration_s"] is None else f"{r['duration_s']:.1f} s",
-             (r["reason"] or "")[:90] if r["state"] != "succeeded" else "")
+    rows = [(r.id, os.path.basename(r.source) or r.source, r.state, r.page_count, r.path,
+             format_bytes(r.peak), None if r.duration_s is None else f"{r.duration_s:.1f} s",
+             (r.reason or "")[:90] if r.state != "succeeded" else "")
             for r in q.summary(ids)]
     return _table(rows, ["job", "document", "outcome", "pages", "attempts (tier outcome)", "peak", "time", "reason"])
 
@@ -302,7 +304,11 @@ def _ago(t: datetime | None, now: datetime) -> str:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, indent=2, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v))
+    def plain(v: Any) -> Any:
+        if isinstance(v, datetime):
+            return v.isoformat()
+        return asdict(v) if is_dataclass(v) and not isinstance(v, type) else str(v)
+    return json.dumps(value, indent=2, default=plain)
 
 
 def cmd_status(s: Settings, a: argparse.Namespace) -> int:
@@ -310,19 +316,19 @@ def cmd_status(s: Settings, a: argparse.Namespace) -> int:
     counts = q.counts()
     classes = [c.name for c in s.table().classes]
     states = [st.value for st in JobState]
-    grid = {(r["state"], r["size_class"]): r["n"] for r in counts}
+    grid = {(r.state, r.size_class): r.n for r in counts}
     running, now, paused = q.running_jobs(), q.now(), q.paused()
-    seen = [d for d in q.dispatchers() if d["silent_s"] < NO_DISPATCHER_S]
+    seen = [d for d in q.dispatchers() if d.silent_s < NO_DISPATCHER_S]
     why = _no_dispatcher(q)
     if a.json:
         print(_json({"counts": {st: {c: grid.get((st, c), 0) for c in classes} for st in states},
-                     "running": running, "dispatchers": seen, "paused": [vars(p) for p in paused],
+                     "running": running, "dispatchers": seen, "paused": paused,
                      "budget_bytes": _budget(s), "warning": why}))
         return 0
     print(_table([[st, *[grid.get((st, c), 0) for c in classes]] for st in states], ["state", *classes]))
     print()
     for d in seen:
-        print(f"dispatcher {d['id']}: pool {d['pool']}, {d['runtime']}, up {_ago(d['started_at'], now)}")
+        print(f"dispatcher {d.id}: pool {d.pool}, {d.runtime}, up {_ago(d.started_at, now)}")
     for p in paused:
         what = "every class" if p.scope == ALL_TIERS else f"class {p.scope}"
         print(f"paused: {what} since {_ago(p.paused_at, now)} ago" + (f": {p.reason}" if p.reason else "")
@@ -330,15 +336,15 @@ def cmd_status(s: Settings, a: argparse.Namespace) -> int:
     if why:
         print(f"warning: {why}")
     if running:
-        print(_table([(r["id"], r["tier"], format_bytes(r["memory_limit_bytes"]), format_bytes(r["memory_now"]),
-                       r["attempt"], _pages(r["pages_stored"], r["pages_total"]), r["pool"], r["lease_owner"],
-                       _ago(r["started_at"], now)) for r in running],
+        print(_table([(r.id, r.tier, format_bytes(r.memory_limit_bytes), format_bytes(r.memory_now),
+                       r.attempt, _pages(r.pages_stored, r.pages_total), r.pool, r.lease_owner,
+                       _ago(r.started_at, now)) for r in running],
                      ["running", "tier", "limit", "memory now", "attempt", "pages", "pool", "dispatcher", "for"]))
     else:
         print("no job running")
     by_pool: dict[str, int] = {}
     for r in running:
-        by_pool[r["pool"]] = by_pool.get(r["pool"], 0) + r["memory_limit_bytes"]
+        by_pool[r.pool] = by_pool.get(r.pool, 0) + r.memory_limit_bytes
     for pool, used in sorted(by_pool.items()):
         budget = _budget(s)
         share = f" of the {format_bytes(budget)} budget ({used / budget:.0%})" if budget else ""
@@ -364,14 +370,12 @@ def cmd_show(s: Settings, a: argparse.Namespace) -> int:
             print(f"job {j.id} ({j.state.value}) has no stored pages", file=sys.stderr)
             return 1
         for p in pages:
-            print(f"=== page {p['page']} ===")
-            print(p["text"])
+            print(f"=== page {p.page} ===")
+            print(p.text)
         return 0
     if a.json:
-        attempts = [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items() if k != "log_tail"}
-                    for r in q.attempts(j.id)]
-        print(json.dumps({**_job_json(j, q.progress([j.id]).get(j.id, (0, None))), "attempts": attempts},
-                         indent=2, default=str))
+        attempts = [{k: v for k, v in asdict(r).items() if k != "log_tail"} for r in q.attempts(j.id)]
+        print(_json({**_job_json(j, q.progress([j.id]).get(j.id, (0, None))), "attempts": attempts}))
         return 0
     print(f"job {j.id}: {j.state.value}  class {j.size_class}  tier {j.tier}  attempts {j.attempt}/{j.max_attempts}")
     stored = f", stored as {j.document_uri}" if j.source and j.source != j.document_uri else ""
@@ -381,9 +385,9 @@ def cmd_show(s: Settings, a: argparse.Namespace) -> int:
     done, total = q.progress([j.id]).get(j.id, (0, None))
     if done or total is not None:
         print(f"pages: {_pages(done, total)} stored")
-    rows = [(r["attempt"], r["tier"], format_bytes(r["memory_limit_bytes"]), r["outcome"] or "running",
-             r["exit_code"], format_bytes(r["peak_memory_bytes"]),
-             None if r["duration_s"] is None else f"{r['duration_s']:.1f} s", r["error"] or r["kill_reason"])
+    rows = [(r.attempt, r.tier, format_bytes(r.memory_limit_bytes), r.outcome or "running",
+             r.exit_code, format_bytes(r.peak_memory_bytes),
+             None if r.duration_s is None else f"{r.duration_s:.1f} s", r.error or r.kill_reason)
             for r in q.attempts(j.id)]
     if rows:
         print()
@@ -435,18 +439,18 @@ def cmd_prune(s: Settings, a: argparse.Namespace) -> int:
 def cmd_export(s: Settings, a: argparse.Namespace) -> int:
     q = build_queue(s)
     j = q.get(a.id)
-    result = q.result(j.id) or {}
-    pages = [{"page": p["page"], "dpi": p["dpi"], "width": p["width"], "height": p["height"], "text": p["text"],
-              "mean_confidence": p["mean_confidence"], "words": p["words"]} for p in q.pages(j.id)]
+    result = q.result(j.id) or NO_RESULT
+    pages = [{"page": p.page, "dpi": p.dpi, "width": p.width, "height": p.height, "text": p.text,
+              "mean_confidence": p.mean_confidence, "words": p.words} for p in q.pages(j.id)]
     doc = {
         "job": {"id": j.id, "state": j.state.value, "source": j.document_uri, "size_class": j.size_class,
                 "tier": j.tier, "attempts": j.attempt, "reason": j.reason},
-        "media_type": result.get("media_type"),
-        "page_count": result.get("page_count"),
-        "complete": result.get("completed_at") is not None,
+        "media_type": result.media_type,
+        "page_count": result.page_count,
+        "complete": result.completed_at is not None,
         "pages": pages,
-        "manifest": {"status": result.get("manifest_status"), "model": result.get("model"),
-                     "content": result.get("manifest")},
+        "manifest": {"status": result.manifest_status, "model": result.model,
+                     "content": result.manifest},
     }
     text = json.dumps(doc, indent=2, default=str)
     if a.output == "-":

@@ -20,29 +20,7 @@ from .classes import Admission, SizeClassTable
 from .errors import NotFound
 from .models import ALL_TIERS, MIB, Exit, Handle, Job, JobState, KillReason, LaunchSpec, NewJob, Outcome, Pause, Running
 from .ports import CellInput, Claimed, Finish
-
-
-@dataclass
-class _Attempt:
-    job_id: int
-    attempt: int
-    dispatcher: str
-    pool: str
-    tier: str
-    memory_limit_bytes: int
-    claimed_at: datetime
-    runtime: str | None = None
-    handle: str | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    outcome: str | None = None
-    exit_code: int | None = None
-    oom_killed: bool | None = None
-    peak_memory_bytes: int | None = None
-    duration_s: float | None = None
-    kill_reason: str | None = None
-    error: str | None = None
-    memory_now: int | None = None
+from .views import Attempt, StoredPage
 
 
 class MemoryQueue:
@@ -53,7 +31,7 @@ class MemoryQueue:
         self._table, self.lease_ttl_s, self.reserve_after_s, self._clock = table, lease_ttl_s, reserve_after_s, clock
         self._jobs: dict[int, Job] = {}
         self._keys: dict[str, int] = {}
-        self._attempts: dict[tuple[int, int], _Attempt] = {}
+        self._attempts: dict[tuple[int, int], Attempt] = {}
         self._pages: dict[tuple[int, int], tuple[int, PageResult]] = {}  # (job, page) -> (attempt, page)
         self._totals: dict[int, int] = {}
         self._paused: dict[str, Pause] = {}
@@ -125,7 +103,7 @@ class MemoryQueue:
                 cls = self._table.get(tier)
                 job = self._set(j.id, state=JobState.RUNNING, attempt=j.attempt + 1, lease_owner=owner,
                                 lease_expires_at=self._lease(), pool=pool, memory_limit_bytes=cls.memory_limit_bytes)
-                self._attempts[(job.id, job.attempt)] = _Attempt(job.id, job.attempt, owner, pool, tier,
+                self._attempts[(job.id, job.attempt)] = Attempt(job.id, job.attempt, owner, pool, tier,
                                                                  cls.memory_limit_bytes, now)
                 taken.append(Claimed(job, self._spec(job, tier)))
             return taken
@@ -266,10 +244,10 @@ class MemoryQueue:
         with self._lock:
             return [self._jobs[i] for i in sorted(set(ids)) if i in self._jobs]
 
-    def attempts(self, job_id: int) -> list[dict[str, Any]]:
-        """The attempt log as the Postgres adapter's rows (the keys tests read)."""
+    def attempts(self, job_id: int) -> list[Attempt]:
+        """The attempt log, as the Postgres adapter reads it (copies: the queue's own rows stay its own)."""
         with self._lock:
-            return [vars(a).copy() for k, a in sorted(self._attempts.items()) if k[0] == job_id]
+            return [replace(a) for k, a in sorted(self._attempts.items()) if k[0] == job_id]
 
     def watch(self, wake: Callable[[], None]) -> None:
         self._wake.append(wake)
@@ -296,10 +274,11 @@ class MemoryQueue:
             if self.attempt_is_current(job_id, attempt):
                 self._totals[job_id] = pages
 
-    def pages(self, job_id: int) -> list[dict[str, Any]]:
+    def pages(self, job_id: int) -> list[StoredPage]:
         with self._lock:
-            return [{"page": p, "attempt": a, "text": r.text} for (j, p), (a, r) in sorted(self._pages.items())
-                    if j == job_id]
+            return [StoredPage(p, a, r.dpi, r.width, r.height, r.text, [w.model_dump() for w in r.words],
+                               r.mean_confidence, r.ocr_seconds)
+                    for (j, p), (a, r) in sorted(self._pages.items()) if j == job_id]
 
 
 # -- runtime ----------------------------------------------------------------------------------------------

@@ -6,24 +6,22 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_never, wait_exponential_jitter
 
 from job_image.contract import PageResult
 
 from .classes import Admission, SizeClassTable
-from .errors import ConfigError, DatabaseUnavailable, NotFound, StateError
+from .database import Conn, Database, Row
+from .errors import ConfigError, NotFound, StateError
 from .models import Job, JobState, KillReason, LaunchSpec, NewJob, Outcome, Pause, Running
 from .ports import Claimed, Finish
-from .sql import migrations, query
+from .reads import QueueReads
+from .sql import migrations
 
 log = logging.getLogger("jobcell.queue")
-T = TypeVar("T")
-Row = dict[str, Any]
 NOTIFY_CHANNEL = "jobcell_jobs"  # dispatchers: new work or a cancel (a hint)
 EVENTS_CHANNEL = "jobcell_events"  # applications: every state change, {"job", "state", "attempt", "tier"}
 
@@ -40,92 +38,26 @@ def job_from_row(row: Row) -> Job:
         metadata=row.get("metadata") or {}, pages_total=row.get("pages_total"))
 
 
-_PERMANENT = ("28P01", "28000", "3D000")  # bad password, no such role or pg_hba entry, no such database
+class PostgresQueue(QueueReads):
+    """The Queue port: claims (admission), leases, fenced finishes, adoption and reaping; the typed reads for
+    the CLI, the dashboard and the client come from QueueReads."""
 
 
-def _transient(e: BaseException) -> bool:
-    """Worth retrying: the server is down or restarting. A wrong password or database name is not."""
-    if not isinstance(e, psycopg.OperationalError):
-        return False
-    text = str(e)
-    return getattr(e, "sqlstate", None) not in _PERMANENT and not any(
-        m in text for m in ("authentication failed", "does not exist", "no pg_hba.conf entry"))
-
-
-def _where(dsn: str) -> str:
-    """host:port/db of a connection string, never its password."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "the configured database"
-    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
-
-
-def _log_retry(state: Any) -> None:
-    log.warning("database unavailable (%s); retrying in %.1f s",
-                state.outcome.exception() if state.outcome else "?", state.next_action.sleep)
-
-
-class PostgresQueue:
     def __init__(self, dsn: str, table: SizeClassTable, *, lease_ttl_s: float = 30.0,
                  give_up_after_s: float | None = None, reserve_after_s: float = 120.0) -> None:
-        self._dsn = dsn
+        self.db = Database(dsn, give_up_after_s)
         self._table = table
         self.lease_ttl_s = lease_ttl_s
         self.reserve_after_s = reserve_after_s
-        self._conn: psycopg.Connection[Row] | None = None
-        self._lock = threading.Lock()  # one connection, one statement at a time
-        self._closed = threading.Event()
-        self._retry = Retrying(
-            retry=retry_if_exception(_transient),
-            wait=wait_exponential_jitter(multiplier=0.5, max=30),
-            stop=stop_never if give_up_after_s is None else stop_after_delay(give_up_after_s),
-            before_sleep=_log_retry, reraise=True)
-
-    # -- plumbing -------------------------------------------------------------------------------------
-
-    def _connection(self) -> psycopg.Connection[Row]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = psycopg.connect(self._dsn, autocommit=True, row_factory=dict_row, connect_timeout=10)
-        return self._conn
-
-    def _run(self, fn: Callable[[psycopg.Connection[Row]], T]) -> T:
-        """Run fn in one transaction, reconnecting with backoff while the database is unreachable; what
-        cannot be retried (or no longer) becomes a DatabaseUnavailable that names the server, not the password."""
-        try:
-            for attempt in self._retry:
-                with attempt, self._lock:
-                    conn = self._connection()
-                    try:
-                        with conn.transaction():
-                            return fn(conn)
-                    except psycopg.OperationalError:
-                        conn.close()
-                        raise
-        except psycopg.OperationalError as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
-            raise DatabaseUnavailable(f"cannot use the database at {_where(self._dsn)}: {first}") from None
-        raise AssertionError("unreachable")
 
     def close(self) -> None:
-        self._closed.set()
-        if self._conn is not None:
-            self._conn.close()
-
-    @staticmethod
-    def _one(conn: psycopg.Connection[Row], name: str, **params: Any) -> Row | None:
-        cur = conn.execute(query(name), params)
-        return cur.fetchone() if cur.description else None
-
-    @staticmethod
-    def _all(conn: psycopg.Connection[Row], name: str, **params: Any) -> list[Row]:
-        return conn.execute(query(name), params).fetchall()
+        self.db.close()
 
     # -- schema ---------------------------------------------------------------------------------------
 
     def migrate(self) -> list[str]:
         """Apply pending migrations under an advisory lock; safe to run concurrently and repeatedly."""
-        def apply(conn: psycopg.Connection[Row]) -> list[str]:
+        def apply(conn: Conn) -> list[str]:
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('jobcell-migrate'))")
             conn.execute("CREATE TABLE IF NOT EXISTS jobcell_migrations (version integer PRIMARY KEY, "
                          "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
@@ -138,32 +70,32 @@ class PostgresQueue:
                                  (version, name))
                     applied.append(name)
             return applied
-        return self._run(apply)
+        return self.db.run(apply)
 
     # -- Queue port -----------------------------------------------------------------------------------
 
     def submit(self, job: NewJob) -> tuple[int, bool]:
-        def go(conn: psycopg.Connection[Row]) -> tuple[int, bool]:
-            row = self._one(conn, "submit", unique_key=job.unique_key, document_uri=job.document_uri, source=job.source,
-                            document_bytes=job.document_bytes, workload=job.workload, params=Jsonb(job.params),
-                            size_class=job.size_class, priority=job.priority, max_attempts=job.max_attempts,
-                            metadata=Jsonb(job.metadata))
+        def go(conn: Conn) -> tuple[int, bool]:
+            row = self.db.one(conn, "submit", unique_key=job.unique_key, document_uri=job.document_uri,
+                              source=job.source, document_bytes=job.document_bytes, workload=job.workload,
+                              params=Jsonb(job.params), size_class=job.size_class, priority=job.priority,
+                              max_attempts=job.max_attempts, metadata=Jsonb(job.metadata))
             if row is not None:
                 return row["id"], True
-            existing = self._one(conn, "id_by_unique_key", unique_key=job.unique_key)
+            existing = self.db.one(conn, "id_by_unique_key", unique_key=job.unique_key)
             assert existing is not None
             return existing["id"], False
-        return self._run(go)
+        return self.db.run(go)
 
     def claim(self, owner: str, pool: str, budget_bytes: int, limit: int,
               budgets: Mapping[str, int] | None = None) -> list[Claimed]:
-        def go(conn: psycopg.Connection[Row]) -> list[Claimed]:
-            self._one(conn, "lock_pool", pool=pool)
+        def go(conn: Conn) -> list[Claimed]:
+            self.db.one(conn, "lock_pool", pool=pool)
             running = [Running(r["id"], r["tier"], r["memory_limit_bytes"])
-                       for r in self._all(conn, "running_in_pool", pool=pool)]
+                       for r in self.db.all(conn, "running_in_pool", pool=pool)]
             admission = Admission(self._table, budget_bytes, running, self.reserve_after_s, budgets)
             taken: list[Claimed] = []
-            for row in self._all(conn, "claimable", per_tier=max(limit, 8)):
+            for row in self.db.all(conn, "claimable", per_tier=max(limit, 8)):
                 if len(taken) >= limit:
                     break
                 tier = row["tier"] if row["tier"] in admission.slots else self._table.for_size(
@@ -171,17 +103,17 @@ class PostgresQueue:
                 if not admission.consider(row["id"], tier, float(row["waited_s"])):
                     continue
                 cls = self._table.get(tier)
-                got = self._one(conn, "take", id=row["id"], owner=owner, ttl=self.lease_ttl_s, pool=pool,
+                got = self.db.one(conn, "take", id=row["id"], owner=owner, ttl=self.lease_ttl_s, pool=pool,
                                 memory_limit_bytes=cls.memory_limit_bytes)
                 if got is None:
                     continue
                 admission.take(tier)
                 job = job_from_row(got)
-                self._one(conn, "insert_attempt", job_id=job.id, attempt=job.attempt, dispatcher=owner,
+                self.db.one(conn, "insert_attempt", job_id=job.id, attempt=job.attempt, dispatcher=owner,
                           pool=pool, tier=tier, memory_limit_bytes=cls.memory_limit_bytes)
                 taken.append(Claimed(job, self._spec(job, tier)))
             return taken
-        return self._run(go)
+        return self.db.run(go)
 
     def _spec(self, job: Job, tier: str) -> LaunchSpec:
         cls = self._table.resolve(tier, job.memory_limit_bytes)  # adopted: its class may be gone since
@@ -191,33 +123,33 @@ class PostgresQueue:
                           params=dict(job.params))
 
     def started(self, job_id: int, attempt: int, runtime: str, handle: str) -> None:
-        self._run(lambda c: self._one(c, "started", job_id=job_id, attempt=attempt, runtime=runtime,
+        self.db.run(lambda c: self.db.one(c, "started", job_id=job_id, attempt=attempt, runtime=runtime,
                                       handle=handle))
 
     def heartbeat(self, owner: str, job_ids: Sequence[int]) -> tuple[set[int], set[int]]:
         if not job_ids:
             return set(), set()
-        rows = self._run(lambda c: self._all(c, "heartbeat", owner=owner, ids=list(job_ids),
+        rows = self.db.run(lambda c: self.db.all(c, "heartbeat", owner=owner, ids=list(job_ids),
                                              ttl=self.lease_ttl_s))
         return {r["id"] for r in rows}, {r["id"] for r in rows if r["cancel_requested"]}
 
     def mark_killing(self, job_id: int, attempt: int, reason: KillReason) -> None:
-        self._run(lambda c: self._one(c, "mark_killing", job_id=job_id, attempt=attempt, reason=reason.value))
+        self.db.run(lambda c: self.db.one(c, "mark_killing", job_id=job_id, attempt=attempt, reason=reason.value))
 
     def kill_reason(self, job_id: int, attempt: int) -> KillReason | None:
-        row = self._run(lambda c: self._one(c, "kill_reason", job_id=job_id, attempt=attempt))
+        row = self.db.run(lambda c: self.db.one(c, "kill_reason", job_id=job_id, attempt=attempt))
         return KillReason(row["kill_reason"]) if row and row["kill_reason"] else None
 
     def finish(self, owner: str, result: Finish) -> bool:
         e = result.exit
 
-        def go(conn: psycopg.Connection[Row]) -> bool:
-            moved = self._one(conn, "finish_job", job_id=result.job_id, attempt=result.attempt, owner=owner,
+        def go(conn: Conn) -> bool:
+            moved = self.db.one(conn, "finish_job", job_id=result.job_id, attempt=result.attempt, owner=owner,
                               state=result.next_state, tier=result.next_tier, reason=result.reason,
                               delay_s=result.delay_s)
             if moved is None:
                 return False
-            self._one(conn, "finish_attempt", job_id=result.job_id, attempt=result.attempt,
+            self.db.one(conn, "finish_attempt", job_id=result.job_id, attempt=result.attempt,
                       outcome=result.outcome.value, exit_code=e.exit_code, oom_killed=e.oom_killed,
                       peak_memory_bytes=e.peak_memory_bytes, duration_s=result.duration_s,
                       # a succeeded job's last stderr line is progress, not a reason
@@ -225,96 +157,92 @@ class PostgresQueue:
                       log_tail=e.log_tail or None)
             done = result.completed
             if done is not None:
-                self._one(conn, "complete", job_id=result.job_id, media_type=done.media_type,
+                self.db.one(conn, "complete", job_id=result.job_id, media_type=done.media_type,
                           page_count=done.page_count)
-                self._one(conn, "manifest_due", job_id=result.job_id,
+                self.db.one(conn, "manifest_due", job_id=result.job_id,
                           status="pending" if done.summarise else "skipped")
             return True
-        return self._run(go)
+        return self.db.run(go)
 
     # -- Results port ---------------------------------------------------------------------------------
 
     def done_pages(self, job_id: int, before_attempt: int) -> list[int]:
-        rows = self._run(lambda c: self._all(c, "done_pages", job_id=job_id, before_attempt=before_attempt))
+        rows = self.db.run(lambda c: self.db.all(c, "done_pages", job_id=job_id, before_attempt=before_attempt))
         return [r["page"] for r in rows]
 
     def put_page(self, job_id: int, attempt: int, page: PageResult) -> bool:
         words = Jsonb([w.model_dump() for w in page.words])
-        row = self._run(lambda c: self._one(
+        row = self.db.run(lambda c: self.db.one(
             c, "put_page", job_id=job_id, attempt=attempt, page=page.page, dpi=page.dpi, width=page.width,
             height=page.height, text=page.text, words=words, mean_confidence=page.mean_confidence,
             ocr_seconds=page.ocr_seconds))
         return bool(row and row["current"])
 
     def declare_pages(self, job_id: int, attempt: int, pages: int) -> None:
-        self._run(lambda c: self._one(c, "declare_pages", job_id=job_id, attempt=attempt, pages=pages))
+        self.db.run(lambda c: self.db.one(c, "declare_pages", job_id=job_id, attempt=attempt, pages=pages))
 
     def adopt(self, owner: str, pool: str, job_id: int, attempt: int) -> Claimed | None:
-        def go(conn: psycopg.Connection[Row]) -> Claimed | None:
-            row = self._one(conn, "adopt", owner=owner, pool=pool, job_id=job_id, attempt=attempt,
+        def go(conn: Conn) -> Claimed | None:
+            row = self.db.one(conn, "adopt", owner=owner, pool=pool, job_id=job_id, attempt=attempt,
                             ttl=self.lease_ttl_s)
             if row is None:
                 return None
             job = job_from_row(row)
-            self._one(conn, "adopted", owner=owner, job_id=job_id, attempt=attempt)
-            attempts = self._all(conn, "attempts", job_id=job_id)
+            self.db.one(conn, "adopted", owner=owner, job_id=job_id, attempt=attempt)
+            attempts = self.db.all(conn, "attempts", job_id=job_id)
             started = next((a["started_at"] or a["claimed_at"] for a in attempts if a["attempt"] == attempt), None)
             return Claimed(job, self._spec(job, job.tier), started)
-        return self._run(go)
+        return self.db.run(go)
 
     def attempt_is_current(self, job_id: int, attempt: int) -> bool:
-        return self._run(lambda c: self._one(c, "attempt_is_current", job_id=job_id, attempt=attempt)) is not None
+        return self.db.run(lambda c: self.db.one(c, "attempt_is_current", job_id=job_id, attempt=attempt)) is not None
 
     def reap(self, pool: str, keep: Sequence[int]) -> list[int]:
-        def go(conn: psycopg.Connection[Row]) -> list[int]:
-            rows = self._all(conn, "reap", pool=pool, keep=list(keep))
+        def go(conn: Conn) -> list[int]:
+            rows = self.db.all(conn, "reap", pool=pool, keep=list(keep))
             if rows:
-                self._one(conn, "lose_attempts", ids=[r["id"] for r in rows], attempts=[r["attempt"] for r in rows])
+                self.db.one(conn, "lose_attempts", ids=[r["id"] for r in rows], attempts=[r["attempt"] for r in rows])
             return [r["id"] for r in rows]
-        return self._run(go)
+        return self.db.run(go)
 
     def observe_memory(self, samples: Sequence[tuple[int, int, int]]) -> None:
         if samples:
-            self._run(lambda c: self._one(c, "observe_memory", jobs=[s[0] for s in samples],
+            self.db.run(lambda c: self.db.one(c, "observe_memory", jobs=[s[0] for s in samples],
                                           attempts=[s[1] for s in samples], used=[s[2] for s in samples]))
 
     def alive(self, owner: str, pool: str, runtime: str) -> None:
-        self._run(lambda c: self._one(c, "alive", owner=owner, pool=pool, runtime=runtime))
-
-    def dispatchers(self) -> list[Row]:
-        """Every dispatcher that ever ran on this queue, with how long it has been silent (silent_s)."""
-        return self._run(lambda c: self._all(c, "dispatchers"))
+        self.db.run(lambda c: self.db.one(c, "alive", owner=owner, pool=pool, runtime=runtime))
 
     def release(self, owner: str) -> None:
-        self._run(lambda c: self._one(c, "release", owner=owner))
+        self.db.run(lambda c: self.db.one(c, "release", owner=owner))
 
     def cancel(self, job_id: int) -> str:
-        row = self._run(lambda c: self._one(c, "cancel", job_id=job_id))
+        row = self.db.run(lambda c: self.db.one(c, "cancel", job_id=job_id))
         if row is None:
             raise NotFound(f"no job {job_id}")
         return str(row["state"])
 
     def pause(self, scope: str, reason: str | None = None) -> Pause:
-        row = self._run(lambda c: self._one(c, "pause", scope=self._table.pause_scope(scope), reason=reason))
+        row = self.db.run(lambda c: self.db.one(c, "pause", scope=self._table.pause_scope(scope), reason=reason))
         assert row is not None
         return Pause(**row)
 
     def resume(self, scope: str) -> bool:
-        return self._run(lambda c: self._one(c, "resume", scope=self._table.pause_scope(scope))) is not None
+        return self.db.run(lambda c: self.db.one(c, "resume", scope=self._table.pause_scope(scope))) is not None
 
     def paused(self) -> list[Pause]:
-        return [Pause(**r) for r in self._run(lambda c: self._all(c, "paused"))]
+        return [Pause(**r) for r in self.db.run(lambda c: self.db.all(c, "paused"))]
 
     def retry(self, job_id: int, more_attempts: int) -> Job:
         """Run a failed or cancelled job again, keeping its history; NotFound/JobcellError otherwise."""
-        row = self._run(lambda c: self._one(c, "retry", job_id=job_id, more=more_attempts))
+        row = self.db.run(lambda c: self.db.one(c, "retry", job_id=job_id, more=more_attempts))
         if row is None:
             state = self.get(job_id).state.value  # NotFound for an unknown id
             raise StateError(f"job {job_id} is {state}: only a failed or cancelled job can be retried")
         return job_from_row(row)
 
     def get(self, job_id: int) -> Job:
-        row = self._run(lambda c: self._one(c, "get", job_id=job_id))
+        row = self.db.run(lambda c: self.db.one(c, "get", job_id=job_id))
         if row is None:
             raise NotFound(f"no job {job_id}")
         return job_from_row(row)
@@ -322,7 +250,7 @@ class PostgresQueue:
     def queue_id(self) -> str:
         """This queue's identity (created by the first migration)."""
         try:
-            row = self._run(lambda c: self._one(c, "queue_id"))
+            row = self.db.run(lambda c: self.db.one(c, "queue_id"))
         except psycopg.errors.UndefinedTable:
             raise ConfigError("the database has no jobcell schema yet: run `jobcell migrate` "
                               "(or start the dispatcher with `jobcell run --migrate`)") from None
@@ -330,91 +258,36 @@ class PostgresQueue:
         return str(row["value"])
 
     def now(self) -> datetime:
-        row = self._run(lambda c: self._one(c, "now"))
+        row = self.db.run(lambda c: self.db.one(c, "now"))
         assert row is not None
         return row["now"]  # type: ignore[no-any-return]
 
     # -- manifests (dispatcher.manifest.ManifestStore) ------------------------------------------------
 
     def pending_manifests(self, limit: int) -> list[tuple[int, int]]:
-        rows = self._run(lambda c: self._all(c, "pending_manifests", limit=limit, hold_s=600))
+        rows = self.db.run(lambda c: self.db.all(c, "pending_manifests", limit=limit, hold_s=600))
         return [(r["job_id"], r["tries"]) for r in rows]
 
     def page_texts(self, job_id: int) -> list[tuple[int, str]]:
-        return [(r["page"], r["text"]) for r in self._run(lambda c: self._all(c, "page_texts", job_id=job_id))]
+        return [(r["page"], r["text"]) for r in self.db.run(lambda c: self.db.all(c, "page_texts", job_id=job_id))]
 
     def put_manifest(self, job_id: int, status: str, model: str | None, manifest: dict[str, Any] | None,
                      error: str | None = None, retry_in_s: float = 0.0) -> None:
-        self._run(lambda c: self._one(c, "put_manifest", job_id=job_id, status=status, model=model,
+        self.db.run(lambda c: self.db.one(c, "put_manifest", job_id=job_id, status=status, model=model,
                                       manifest=None if manifest is None else Jsonb(manifest), error=error,
                                       delay_s=retry_in_s))
 
     # -- retention --------------------------------------------------------------------------------------
 
-    def prunable(self, age_s: float) -> list[Row]:
-        """Finished jobs older than age_s: id, document_uri, pages, attempts."""
-        return self._run(lambda c: self._all(c, "prunable", age_s=age_s))
-
     def prune(self, ids: Sequence[int], age_s: float) -> tuple[list[int], list[str]]:
         """Delete those jobs (re-checked: still finished and old) with everything of theirs; the ids deleted,
         and the document URIs no remaining job refers to (the caller removes them from the store)."""
-        def go(conn: psycopg.Connection[Row]) -> tuple[list[int], list[str]]:
-            gone = self._all(conn, "prune", ids=list(ids), age_s=age_s)
+        def go(conn: Conn) -> tuple[list[int], list[str]]:
+            gone = self.db.all(conn, "prune", ids=list(ids), age_s=age_s)
             uris = sorted({r["document_uri"] for r in gone})
-            kept = {r["document_uri"] for r in self._all(conn, "documents_in_use", uris=uris)}
+            kept = {r["document_uri"] for r in self.db.all(conn, "documents_in_use", uris=uris)}
             return [r["id"] for r in gone], [u for u in uris if u not in kept]
-        return self._run(go)
-
-    # -- reads for the CLI ----------------------------------------------------------------------------
-
-    def jobs(self, ids: Sequence[int]) -> list[Job]:
-        return [job_from_row(r) for r in self._run(lambda c: self._all(c, "jobs_by_ids", ids=list(ids)))]
-
-    def list_jobs(self, state: str | None = None, size_class: str | None = None, since_s: float | None = None,
-                  limit: int = 100) -> list[Job]:
-        rows = self._run(lambda c: self._all(c, "list_jobs", state=state, size_class=size_class, since_s=since_s,
-                                             limit=limit))
-        return [job_from_row(r) for r in rows]
-
-    def attempts(self, job_id: int) -> list[Row]:
-        return self._run(lambda c: self._all(c, "attempts", job_id=job_id))
-
-    def counts(self) -> list[Row]:
-        return self._run(lambda c: self._all(c, "counts"))
-
-    def job_metrics(self, pool: str) -> tuple[dict[tuple[str, str], int], int]:
-        """For /metrics: job counts by (state, size class), and the memory limits held by `pool`'s running jobs."""
-        rows = self._run(lambda c: self._all(c, "job_metrics", pool=pool, running=JobState.RUNNING.value))
-        return {(r["state"], r["size_class"]): r["n"] for r in rows}, sum(int(r["pool_bytes"]) for r in rows)
-
-    def pages(self, job_id: int) -> list[Row]:
-        return self._run(lambda c: self._all(c, "pages", job_id=job_id))
-
-    def result(self, job_id: int) -> Row | None:
-        return self._run(lambda c: self._one(c, "result", job_id=job_id))
-
-    def summary(self, ids: Sequence[int]) -> list[Row]:
-        return self._run(lambda c: self._all(c, "summary", ids=list(ids)))
-
-    def progress(self, ids: Sequence[int]) -> dict[int, tuple[int, int | None]]:
-        """Pages stored so far and the page count the cell declared (None until it has), per job."""
-        rows = self._run(lambda c: self._all(c, "progress", ids=list(ids)))
-        return {r["id"]: (r["pages_stored"], r["pages_total"]) for r in rows}
-
-    def running_jobs(self) -> list[Row]:
-        return self._run(lambda c: self._all(c, "running_jobs"))
-
-    # -- reads for the dashboard (dispatcher/web.py) ----------------------------------------------------
-
-    def budget_history(self, window_s: float, limit: int = 10_000) -> list[Row]:
-        """The attempts that held memory in the last window_s seconds: pool, memory_limit_bytes, claimed_at and
-        finished_at (None: still holding it), oldest first."""
-        return self._run(lambda c: self._all(c, "budget_history", window_s=window_s, limit=limit))
-
-    def recent_timings(self, limit: int) -> list[Row]:
-        """The latest jobs that have run, newest first: id, state, size_class, run_s (their attempts' time) and
-        total_s (submit to end, or to now)."""
-        return self._run(lambda c: self._all(c, "recent_timings", limit=limit))
+        return self.db.run(go)
 
     # -- notifications --------------------------------------------------------------------------------
 
@@ -423,17 +296,17 @@ class PostgresQueue:
 
     def _listen(self, wake: Callable[[], None]) -> None:
         backoff = 0.5
-        while not self._closed.is_set():
+        while not self.db.closed.is_set():
             try:
-                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
+                with psycopg.connect(self.db.dsn, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     backoff = 0.5
                     wake()  # we may have missed notifications while disconnected
-                    while not self._closed.is_set():
+                    while not self.db.closed.is_set():
                         for _ in conn.notifies(timeout=1.0):
                             wake()
             except psycopg.Error as e:
-                if not self._closed.is_set():
+                if not self.db.closed.is_set():
                     log.warning("LISTEN connection lost (%s); polling until it is back", e)
-            self._closed.wait(backoff)
+            self.db.closed.wait(backoff)
             backoff = min(backoff * 2, 30.0)

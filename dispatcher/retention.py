@@ -24,10 +24,10 @@ class Pruned:
 def prune(queue: PostgresQueue, store: DocumentStore, age_s: float, *, dry_run: bool) -> Pruned:
     """Never a queued or running job, whatever its age; each job is re-checked as it is deleted."""
     old = queue.prunable(age_s)
-    attempts, pages = sum(r["attempts"] for r in old), sum(r["pages"] for r in old)
+    attempts, pages = sum(r.attempts for r in old), sum(r.pages for r in old)
     if dry_run or not old:
         return Pruned(len(old), attempts, pages, 0)
-    ids, documents = queue.prune([r["id"] for r in old], age_s)
+    ids, documents = queue.prune([r.id for r in old], age_s)
     for uri in documents:
         store.delete(uri)
     return Pruned(len(ids), attempts, pages, len(documents))

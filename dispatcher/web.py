@@ -38,6 +38,7 @@ from .errors import ConfigError, DatabaseUnavailable, NotFound, StateError
 from .models import Job, JobState
 from .queue import PostgresQueue
 from .settings import Settings
+from .views import NO_RESULT, Attempt, MemorySpan, Timing
 from .wiring import build_queue
 
 log = logging.getLogger("jobcell.web")
@@ -174,18 +175,18 @@ Steps = list[tuple[datetime, int]]
 PALETTE = 6  # series colours in the stylesheet: .series-0 ... .series-5
 
 
-def held_over_time(attempts: list[dict[str, Any]], since: datetime, now: datetime) -> dict[str, Steps]:
+def held_over_time(attempts: list[MemorySpan], since: datetime, now: datetime) -> dict[str, Steps]:
     """Per pool, the memory limits held as a step function: (time, bytes from then on), exact to each claim and
     end (sampling would miss the short jobs that are most of a queue's life)."""
     events: dict[str, dict[datetime, int]] = {}
     for a in attempts:
-        start, end = max(a["claimed_at"], since), min(a["finished_at"] or now, now)
-        if end <= start and a["finished_at"] is not None:
+        start, end = max(a.claimed_at, since), min(a.finished_at or now, now)
+        if end <= start and a.finished_at is not None:
             continue
-        by_time = events.setdefault(a["pool"], {})
-        by_time[start] = by_time.get(start, 0) + int(a["memory_limit_bytes"])
-        if a["finished_at"] is not None:  # one still running holds its limit to the end of the chart
-            by_time[end] = by_time.get(end, 0) - int(a["memory_limit_bytes"])
+        by_time = events.setdefault(a.pool, {})
+        by_time[start] = by_time.get(start, 0) + int(a.memory_limit_bytes)
+        if a.finished_at is not None:  # one still running holds its limit to the end of the chart
+            by_time[end] = by_time.get(end, 0) - int(a.memory_limit_bytes)
     out: dict[str, list[tuple[datetime, int]]] = {}
     for pool, by_time in events.items():
         level, steps = 0, [(since, 0)]
@@ -196,7 +197,7 @@ def held_over_time(attempts: list[dict[str, Any]], since: datetime, now: datetim
     return out
 
 
-def budget_chart(attempts: list[dict[str, Any]], budget: int | None, since: datetime, now: datetime) -> Safe:
+def budget_chart(attempts: list[MemorySpan], budget: int | None, since: datetime, now: datetime) -> Safe:
     """Memory limits held per pool over the window, as step lines, against the budget (dashed)."""
     series = held_over_time(attempts, since, now)
     pools = sorted(series)
@@ -242,26 +243,26 @@ def budget_chart(attempts: list[dict[str, Any]], budget: int | None, since: date
                tag("figcaption", None, legend))
 
 
-def timings_chart(rows: list[dict[str, Any]]) -> Safe:
+def timings_chart(rows: list[Timing]) -> Safe:
     """The latest jobs: time waiting (queued, backing off, starting) and time running, as stacked bars."""
     if not rows:
         return tag("p", {"class": "muted"}, "no job has run yet")
     row_h, left, w = 16.0, 56.0, 640.0
-    top = max(max(float(r["total_s"] or 0), float(r["run_s"] or 0)) for r in rows) or 1.0
+    top = max(max(float(r.total_s or 0), float(r.run_s or 0)) for r in rows) or 1.0
     scale = (w - left - 90) / top
     h = row_h * len(rows) + 22
     parts: list[object] = [tag("title", None, "queue wait and run time of the latest jobs")]
     for i, r in enumerate(rows):
-        run = float(r["run_s"] or 0)
-        wait = max(0.0, float(r["total_s"] or 0) - run)
+        run = float(r.run_s or 0)
+        wait = max(0.0, float(r.total_s or 0) - run)
         yy = 4 + i * row_h
-        tip = f"job {r['id']} ({r['state']}): waited {_dur(wait)}, ran {_dur(run)}"
-        parts.append(tag("a", {"href": f"/jobs/{int(r['id'])}"},
+        tip = f"job {r.id} ({r.state}): waited {_dur(wait)}, ran {_dur(run)}"
+        parts.append(tag("a", {"href": f"/jobs/{int(r.id)}"},
                          tag("text", {"class": "axis", "x": _n(left - 6), "y": _n(yy + 11), "text-anchor": "end"},
-                             f"#{r['id']}"),
+                             f"#{r.id}"),
                          tag("rect", {"class": "seg-wait", "x": _n(left), "y": _n(yy), "width": _n(wait * scale),
                                       "height": _n(row_h - 4)}, tag("title", None, tip)),
-                         tag("rect", {"class": f"seg-{_css(str(r['state']))}", "x": _n(left + wait * scale),
+                         tag("rect", {"class": f"seg-{_css(str(r.state))}", "x": _n(left + wait * scale),
                                       "y": _n(yy), "width": _n(max(run * scale, 1.0)), "height": _n(row_h - 4)},
                              tag("title", None, tip)),
                          tag("text", {"class": "axis", "x": _n(left + (wait + run) * scale + 6),
@@ -273,12 +274,12 @@ def timings_chart(rows: list[dict[str, Any]]) -> Safe:
                    parts))
 
 
-def attempts_timeline(job: Job, attempts: list[dict[str, Any]], now: datetime) -> Safe:
+def attempts_timeline(job: Job, attempts: list[Attempt], now: datetime) -> Safe:
     """Each attempt on one time axis from submit: waiting (grey), starting (light), running (its outcome)."""
     if not attempts:
         return tag("p", {"class": "muted"}, "no attempt yet")
     t0 = job.created_at
-    ends = [a["finished_at"] or now for a in attempts]
+    ends = [a.finished_at or now for a in attempts]
     t1 = max([job.finished_at or now, *ends])
     span = max((t1 - t0).total_seconds(), 0.5)
     row_h, left, w = 28.0, 190.0, 720.0
@@ -291,10 +292,10 @@ def attempts_timeline(job: Job, attempts: list[dict[str, Any]], now: datetime) -
     prev_end = t0
     for i, a in enumerate(attempts):
         yy = 4 + i * row_h
-        claimed, started, end = a["claimed_at"], a["started_at"] or a["claimed_at"], a["finished_at"] or now
-        outcome = a["outcome"] or "running"
+        claimed, started, end = a.claimed_at, a.started_at or a.claimed_at, a.finished_at or now
+        outcome = a.outcome or "running"
         parts.append(tag("text", {"class": "axis", "x": _n(left - 8), "y": _n(yy + 15), "text-anchor": "end"},
-                         f"#{a['attempt']} {a['tier']} · {outcome}"))
+                         f"#{a.attempt} {a.tier} · {outcome}"))
         segments = [("seg-wait", prev_end, claimed, "waiting"), ("seg-start", claimed, started, "starting"),
                     (f"seg-{_css(outcome)}", started, end, outcome)]
         for cls, s, e, what in segments:
@@ -302,7 +303,7 @@ def attempts_timeline(job: Job, attempts: list[dict[str, Any]], now: datetime) -
                 continue
             parts.append(tag("rect", {"class": cls, "x": _n(x(s)), "y": _n(yy), "height": _n(row_h - 8),
                                       "width": _n(max(x(e) - x(s), 1.5))},
-                             tag("title", None, f"attempt {a['attempt']}: {what} {_dur((e - s).total_seconds())}")))
+                             tag("title", None, f"attempt {a.attempt}: {what} {_dur((e - s).total_seconds())}")))
         prev_end = end
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         xx = left + (w - left - 10) * frac
@@ -340,16 +341,16 @@ def peak_bar(peak: int | None, limit: int, scale: int, outcome: str | None, widt
                             "width": _n(pw), "height": 14}) if peak else None)
 
 
-def _attempt_reason(a: dict[str, Any]) -> str:
+def _attempt_reason(a: Attempt) -> str:
     """What the cell said (its last stderr line), else why the dispatcher ended it, else what the outcome means."""
-    if a["error"]:
-        return str(a["error"])
-    if a["outcome"] == "oom":
-        return f"killed at its {format_bytes(a['memory_limit_bytes'])} memory cap"
-    if a["kill_reason"]:
+    if a.error:
+        return str(a.error)
+    if a.outcome == "oom":
+        return f"killed at its {format_bytes(a.memory_limit_bytes)} memory cap"
+    if a.kill_reason:
         return {"deadline": "killed at the class deadline", "cancel": "killed: cancel requested",
                 "orphan": "killed: its job had moved on", "refused": "killed: its output broke the contract"
-                }.get(a["kill_reason"], str(a["kill_reason"]))
+                }.get(a.kill_reason, str(a.kill_reason))
     return ""
 
 
@@ -534,13 +535,13 @@ class Dashboard:
         now = self.q.now()
         counts = self.q.counts()
         running = self.q.running_jobs()
-        sources = {j.id: j for j in self.q.jobs([r["id"] for r in running])}
-        live = [d for d in self.q.dispatchers() if float(d["silent_s"]) < LIVE_DISPATCHER_S]
+        sources = {j.id: j for j in self.q.jobs([r.id for r in running])}
+        live = [d for d in self.q.dispatchers() if float(d.silent_s) < LIVE_DISPATCHER_S]
         history = self.q.budget_history(window_s)
         timings = self.q.recent_timings(30)
 
-        classes = self.classes + sorted({r["size_class"] for r in counts} - set(self.classes))
-        grid = {(r["state"], r["size_class"]): int(r["n"]) for r in counts}
+        classes = self.classes + sorted({r.size_class for r in counts} - set(self.classes))
+        grid = {(r.state, r.size_class): int(r.n) for r in counts}
 
         def cell(state: str | None, cls: str | None) -> Safe:
             n = sum(v for (st, c), v in grid.items() if state in (None, st) and cls in (None, c))
@@ -560,24 +561,24 @@ class Dashboard:
 
         used: dict[str, int] = {}
         for r in running:
-            used[r["pool"]] = used.get(r["pool"], 0) + int(r["memory_limit_bytes"] or 0)
-        pools = sorted({self.s.pool, *used, *(d["pool"] for d in live)})
+            used[r.pool] = used.get(r.pool, 0) + int(r.memory_limit_bytes or 0)
+        pools = sorted({self.s.pool, *used, *(d.pool for d in live)})
         gauges = tag("div", {"class": "gauges", "id": "budget"},
                      [gauge(used.get(p, 0), self.budget, f"pool {p}") for p in pools])
 
         running_rows = []
         for r in running:
-            j = sources.get(r["id"])
-            name = os.path.basename((j.source if j and j.source else None) or r["document_uri"]) or r["document_uri"]
+            j = sources.get(r.id)
+            name = os.path.basename((j.source if j and j.source else None) or r.document_uri) or r.document_uri
             running_rows.append(tag(
-                "tr", None, tag("td", None, tag("a", {"href": f"/jobs/{int(r['id'])}"}, r["id"])),
-                tag("td", {"class": "doc"}, name), tag("td", None, r["tier"]),
-                tag("td", {"class": "num"}, r["attempt"]),
-                tag("td", {"class": "num"}, format_bytes(r["memory_limit_bytes"])),
-                tag("td", None, memory_bar(r["memory_now"], int(r["memory_limit_bytes"] or 0))),
-                tag("td", None, progress_bar(int(r["pages_stored"]), r["pages_total"])),
-                tag("td", None, r["pool"]), tag("td", None, r["lease_owner"]),
-                tag("td", None, _ago(r["started_at"], now))))
+                "tr", None, tag("td", None, tag("a", {"href": f"/jobs/{int(r.id)}"}, r.id)),
+                tag("td", {"class": "doc"}, name), tag("td", None, r.tier),
+                tag("td", {"class": "num"}, r.attempt),
+                tag("td", {"class": "num"}, format_bytes(r.memory_limit_bytes)),
+                tag("td", None, memory_bar(r.memory_now, int(r.memory_limit_bytes or 0))),
+                tag("td", None, progress_bar(int(r.pages_stored), r.pages_total)),
+                tag("td", None, r.pool), tag("td", None, r.lease_owner),
+                tag("td", None, _ago(r.started_at, now))))
         running_table = tag(
             "table", {"id": "running"},
             tag("thead", None, tag("tr", None, [tag("th", None, h) for h in (
@@ -586,8 +587,8 @@ class Dashboard:
             tag("tbody", None, running_rows)) if running_rows else tag("p", {"class": "muted"}, "no job running")
 
         dispatchers = (tag("ul", {"class": "inline"},
-                           [tag("li", None, tag("strong", None, d["id"]), f" · pool {d['pool']} · {d['runtime']}"
-                                f" · seen {_dur(float(d['silent_s']))} ago") for d in live])
+                           [tag("li", None, tag("strong", None, d.id), f" · pool {d.pool} · {d.runtime}"
+                                f" · seen {_dur(float(d.silent_s))} ago") for d in live])
                        if live else tag("p", {"class": "warn"}, "no dispatcher has been seen in the last minute: is "
                                         "`jobcell run` running for this database? (jobs wait queued until one is)"))
         budget_note = ("budget: " + (format_bytes(self.budget) if self.budget else "unknown")
@@ -656,8 +657,8 @@ class Dashboard:
         now = self.q.now()
         attempts = self.q.attempts(job_id)
         done, declared = self.q.progress([job_id]).get(job_id, (0, None))
-        result = self.q.result(job_id) or {}
-        total = result.get("page_count") or declared
+        result = self.q.result(job_id) or NO_RESULT
+        total = result.page_count or declared
         texts = self.q.page_texts(job_id)
 
         facts: list[tuple[str, object]] = [
@@ -672,8 +673,8 @@ class Dashboard:
             ("finished", _ago(job.finished_at, now) if job.finished_at else None),
             ("options", json.dumps(job.params, sort_keys=True) if job.params else None),
             ("metadata", json.dumps(job.metadata, sort_keys=True) if job.metadata else None),
-            ("media type", result.get("media_type")),
-            ("manifest", result.get("manifest_status")),
+            ("media type", result.media_type),
+            ("manifest", result.manifest_status),
         ]
         facts_dl = tag("section", {"id": "facts"},
                        tag("dl", {"class": "facts"},
@@ -686,20 +687,20 @@ class Dashboard:
                         tag("span", {"id": "pages-total"}, "?" if total is None else total), " pages stored"),
                     progress_bar(done, total, width=320) if total else None)
 
-        scale = max([int(a["memory_limit_bytes"]) for a in attempts] or [1])
+        scale = max([int(a.memory_limit_bytes) for a in attempts] or [1])
         attempt_rows = [tag(
-            "tr", {"class": f"attempt row-{_css(a['outcome'] or 'running')}"},
-            tag("td", {"class": "num"}, a["attempt"]), tag("td", None, a["tier"]),
-            tag("td", {"class": "num"}, format_bytes(a["memory_limit_bytes"])),
+            "tr", {"class": f"attempt row-{_css(a.outcome or 'running')}"},
+            tag("td", {"class": "num"}, a.attempt), tag("td", None, a.tier),
+            tag("td", {"class": "num"}, format_bytes(a.memory_limit_bytes)),
             tag("td", {"class": "peak-cell"},
-                peak_bar(a["peak_memory_bytes"], int(a["memory_limit_bytes"]), scale, a["outcome"]), " ",
-                format_bytes(a["peak_memory_bytes"])),
-            tag("td", None, _badge(a["outcome"])),
-            tag("td", {"class": "num"}, "-" if a["exit_code"] is None else a["exit_code"]),
-            tag("td", {"class": "num"}, _dur(a["duration_s"])),
+                peak_bar(a.peak_memory_bytes, int(a.memory_limit_bytes), scale, a.outcome), " ",
+                format_bytes(a.peak_memory_bytes)),
+            tag("td", None, _badge(a.outcome)),
+            tag("td", {"class": "num"}, "-" if a.exit_code is None else a.exit_code),
+            tag("td", {"class": "num"}, _dur(a.duration_s)),
             tag("td", {"class": "reason"}, _attempt_reason(a),
-                tag("details", None, tag("summary", None, "stderr"), tag("pre", None, a["log_tail"]))
-                if a["log_tail"] else None))
+                tag("details", None, tag("summary", None, "stderr"), tag("pre", None, a.log_tail))
+                if a.log_tail else None))
             for a in attempts]
         attempts_section = tag(
             "section", {"id": "attempts"},

@@ -25,6 +25,7 @@ from dispatcher.models import ALL_TIERS, Job, JobState, NewJob, Pause
 from dispatcher.ports import DocumentStore
 from dispatcher.queue import EVENTS_CHANNEL, PostgresQueue
 from dispatcher.settings import Settings, load_settings
+from dispatcher.views import NO_RESULT
 from dispatcher.wiring import build_queue, build_store
 
 Document = str | os.PathLike[str] | bytes | BinaryIO
@@ -149,10 +150,10 @@ class Client:
         return _view(job, done)
 
     def result(self, job_id: int) -> Result:
-        row = self.queue.result(job_id) or {}
-        pages = [Page(p["page"], p["text"], list(p["words"]), p["mean_confidence"]) for p in self.queue.pages(job_id)]
-        return Result(job_id, row.get("media_type"), row.get("page_count"), pages, row.get("manifest_status"),
-                      row.get("manifest"))
+        row = self.queue.result(job_id) or NO_RESULT
+        pages = [Page(p.page, p.text, list(p.words), p.mean_confidence) for p in self.queue.pages(job_id)]
+        return Result(job_id, row.media_type, row.page_count, pages, row.manifest_status,
+                      row.manifest)
 
     def wait(self, job_id: int, timeout: float | None = None) -> JobView:
         """Until the job is final; TimeoutError (naming its state) if `timeout` seconds pass first."""

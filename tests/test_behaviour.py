@@ -15,7 +15,7 @@ SEES_LOGS = {"docker", "process", "kubernetes", "memory"}
 
 
 def outcomes(queue: PostgresQueue, job_id: int) -> list[tuple[str, str, int | None]]:
-    return [(a["tier"], a["outcome"], a["exit_code"]) for a in queue.attempts(job_id)]
+    return [(a.tier, a.outcome, a.exit_code) for a in queue.attempts(job_id)]
 
 
 def test_success_records_the_peak(queue, start_dispatcher, any_runtime):
@@ -24,9 +24,9 @@ def test_success_records_the_peak(queue, start_dispatcher, any_runtime):
     [j] = wait_final(queue, [job])
     assert j.state is JobState.SUCCEEDED
     [a] = queue.attempts(job)
-    assert (a["outcome"], a["exit_code"], a["runtime"]) == ("succeeded", 0, any_runtime.name)
+    assert (a.outcome, a.exit_code, a.runtime) == ("succeeded", 0, any_runtime.name)
     if any_runtime.name in SEES_LOGS:
-        assert 20 * MIB < a["peak_memory_bytes"] <= 64 * MIB
+        assert 20 * MIB < a.peak_memory_bytes <= 64 * MIB
     wait_removed(any_runtime)
 
 
@@ -36,13 +36,13 @@ def test_oom_on_small_is_retried_on_medium_and_succeeds(queue, start_dispatcher,
     [j] = wait_final(queue, [job])
     assert j.state is JobState.SUCCEEDED, j.reason
     attempts = queue.attempts(job)
-    assert [(a["tier"], a["outcome"]) for a in attempts] == [("small", "oom"), ("medium", "succeeded")]
-    assert attempts[0]["oom_killed"] is True
-    assert attempts[0]["memory_limit_bytes"] == 64 * MIB
-    assert attempts[0]["peak_memory_bytes"] >= 64 * MIB
+    assert [(a.tier, a.outcome) for a in attempts] == [("small", "oom"), ("medium", "succeeded")]
+    assert attempts[0].oom_killed is True
+    assert attempts[0].memory_limit_bytes == 64 * MIB
+    assert attempts[0].peak_memory_bytes >= 64 * MIB
     # the successful attempt reports its own peak: above what it allocated, within its cap
     if any_runtime.name in SEES_LOGS:
-        assert 100 * MIB < attempts[1]["peak_memory_bytes"] <= 160 * MIB
+        assert 100 * MIB < attempts[1].peak_memory_bytes <= 160 * MIB
 
 
 def test_oom_on_the_top_tier_fails_with_the_limit_in_the_reason(queue, start_dispatcher, any_runtime):
@@ -77,7 +77,7 @@ def test_other_exit_codes_are_retried_and_may_then_succeed(queue, start_dispatch
     # attempt 1 exits 3; while it waits out its backoff the cause goes away, and attempt 2 succeeds
     job = diag(queue, exit_code=3, max_attempts=2)
     d = start_dispatcher(rt=any_runtime)
-    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["outcome"], what="first attempt")
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0].outcome, what="first attempt")
     d.stop()
     sql(db_url, "UPDATE jobs SET params = '{}'::jsonb WHERE id = %s", job)
     start_dispatcher(rt=any_runtime)
@@ -95,14 +95,14 @@ def test_a_job_past_its_deadline_is_killed_as_timeout(queue, start_dispatcher, a
     [(tier, outcome, code)] = outcomes(queue, job)
     assert (tier, outcome) == ("small", "timeout") and code in (137, None)  # None: the Job itself was deleted
     # killed by the dispatcher at the deadline, or (Kubernetes) by activeDeadlineSeconds, whichever came first
-    assert queue.attempts(job)[0]["kill_reason"] in ("deadline", None)
+    assert queue.attempts(job)[0].kill_reason in ("deadline", None)
     wait_removed(any_runtime)
 
 
 def test_cancel_kills_a_running_job_within_seconds(queue, start_dispatcher, any_runtime):
     job = diag(queue, sleep_s=120)
     start_dispatcher(rt=any_runtime)
-    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["started_at"], what="a started unit")
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0].started_at, what="a started unit")
     assert queue.cancel(job) == "running"
     [j] = wait_final(queue, [job], timeout=15)
     assert j.state is JobState.CANCELLED
@@ -113,7 +113,7 @@ def test_cancel_kills_a_running_job_within_seconds(queue, start_dispatcher, any_
 def test_a_restarted_dispatcher_adopts_running_units(queue, start_dispatcher, any_runtime):
     ids = [diag(queue, sleep_s=4) for _ in range(2)]
     first = start_dispatcher(rt=any_runtime, owner="first")
-    wait_for(lambda: all(a and a[0]["started_at"] for a in map(queue.attempts, ids)), what="started units")
+    wait_for(lambda: all(a and a[0].started_at for a in map(queue.attempts, ids)), what="started units")
     first.stop()  # no drain: the units keep running and the leases are released
     assert len(any_runtime.owned()) == 2
     start_dispatcher(rt=any_runtime, owner="second")

@@ -175,7 +175,7 @@ def test_status_shows_running_jobs_and_budget_use(cli_env, queue, start_dispatch
 
     job = diag(queue, sleep_s=30)
     start_dispatcher()
-    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["started_at"], what="a running job")
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0].started_at, what="a running job")
     out = jobcell("status", env=dict(cli_env, JOBCELL_MEMORY_BUDGET="1GiB"))
     assert out.returncode == 0, out.stderr
     running = next(ln for ln in out.stdout.splitlines() if ln.startswith(str(job)))

@@ -89,7 +89,7 @@ def test_a_failed_job_can_be_retried_keeping_its_history(client, dispatcher):
     assert again.state in ("queued", "running") and again.max_attempts == 2
     final = client.wait(job.id, timeout=60)
     assert final.state == "failed" and final.attempt == 2
-    assert [a["attempt"] for a in client.queue.attempts(job.id)] == [1, 2]
+    assert [a.attempt for a in client.queue.attempts(job.id)] == [1, 2]
     with pytest.raises(StateError, match="only a failed or cancelled job"):
         client.retry(client.submit(PHOTO).id)
 

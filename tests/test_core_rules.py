@@ -229,6 +229,6 @@ def test_a_routed_runtime_without_a_budget_is_refused_saying_how_to_set_one():
     t = load_table(ROUTED)
     assert routed_budgets(t, "process", {"render": 1, "kubernetes": 2}) == {"render": 1}
     assert routed_budgets(t, "render", {}) == {}  # routed to the default runtime: the default budget
-    with pytest.raises(ConfigError, match=r"JOBCELL_RUNTIME_BUDGETS needs a memory budget for 'render' "
-                                          r"\(class large\): e\.g\. JOBCELL_RUNTIME_BUDGETS='\{\"render\": \"8GiB\"\}'"):
+    with pytest.raises(ConfigError, match=r"JOBCELL_RUNTIME_BUDGETS needs a memory budget for 'render' \(class "
+                                          r"large\): e\.g\. JOBCELL_RUNTIME_BUDGETS='\{\"render\": \"8GiB\"\}'"):
         routed_budgets(t, "process", {})

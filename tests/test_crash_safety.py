@@ -91,11 +91,11 @@ def test_kill_9_and_restart_ends_every_job_exactly_once(queue, db_url, pool, tmp
     assert [j.state for j in jobs] == [JobState.SUCCEEDED] * 4
     assert [j.attempt for j in jobs] == [1, 1, 1, 1], "no job may be relaunched while its container runs"
     for j in ids:
-        assert [a["outcome"] for a in queue.attempts(j)] == ["succeeded"]
+        assert [a.outcome for a in queue.attempts(j)] == ["succeeded"]
     assert dict(start_events.starts) == {j: 1 for j in ids}
     assert pool_containers(docker_client, pool) == []
     # the job that ended while no dispatcher ran still has its real result, read from the exited container
-    assert queue.attempts(ids[0])[0]["exit_code"] == 0
+    assert queue.attempts(ids[0])[0].exit_code == 0
     log = (tmp_path / "second.log").read_text()
     assert "adopted a running unit" in log
 
@@ -119,7 +119,7 @@ def test_two_dispatchers_never_run_the_same_attempt_twice(queue, start_dispatche
     jobs = wait_final(queue, ids, timeout=120)
     assert all(j.state is JobState.SUCCEEDED and j.attempt == 1 for j in jobs)
     assert dict(start_events.starts) == {j: 1 for j in ids}
-    owners = collections.Counter(queue.attempts(j)[0]["dispatcher"] for j in ids)
+    owners = collections.Counter(queue.attempts(j)[0].dispatcher for j in ids)
     assert set(owners) <= {"a", "b"} and sum(owners.values()) == 16
     a.stop()
     b.stop()
@@ -135,7 +135,7 @@ def test_admission_keeps_running_limits_within_budget_and_slots(queue, start_dis
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         tiers = collections.Counter(c["Labels"][LABEL_TIER] for c in running_containers(docker_client, pool))
-        db = collections.Counter(t for (t,) in sql(queue._dsn, "SELECT tier FROM jobs WHERE state = 'running'"))
+        db = collections.Counter(t for (t,) in sql(queue.db.dsn, "SELECT tier FROM jobs WHERE state = 'running'"))
         for seen in (tiers, db):
             samples.append((sum(limits[t] * n for t, n in seen.items()), dict(seen)))
         if all(j.state.final for j in queue.jobs(ids)):
@@ -182,7 +182,7 @@ def test_another_queue_sharing_the_pool_name_leaves_our_containers_alone(queue, 
         with psycopg.connect(pg_server, autocommit=True) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     assert (j.state, j.attempt) == (JobState.SUCCEEDED, 1)
-    assert [a["outcome"] for a in queue.attempts(ours)] == ["succeeded"]
+    assert [a.outcome for a in queue.attempts(ours)] == ["succeeded"]
 
 
 def test_a_container_whose_job_moved_on_is_removed(queue, runtime, start_dispatcher, docker_client, pool):
@@ -212,5 +212,5 @@ def test_drain_waits_for_running_jobs_before_exiting(queue, db_url, pool, tmp_pa
     assert proc.wait(60) == 0
     jobs = queue.jobs(ids)
     assert [(j.state, j.attempt) for j in jobs] == [(JobState.SUCCEEDED, 1)] * 2
-    assert {queue.attempts(j)[0]["dispatcher"] for j in ids} == {"draining"}
+    assert {queue.attempts(j)[0].dispatcher for j in ids} == {"draining"}
     assert pool_containers(docker_client, pool) == []

@@ -185,6 +185,7 @@ def test_memory_held_over_time_is_exact_to_each_claim_and_end():
     from datetime import UTC, datetime, timedelta
 
     from dispatcher.models import MIB
+    from dispatcher.views import MemorySpan
     from dispatcher.web import held_over_time
 
     now = datetime(2025, 1, 1, 12, tzinfo=UTC)
@@ -193,11 +194,10 @@ def test_memory_held_over_time_is_exact_to_each_claim_and_end():
     def at(m: float) -> datetime:
         return since + timedelta(minutes=m)
     attempts = [  # a 2-second job between two samples would be lost by sampling; here it is a step
-        {"pool": "a", "memory_limit_bytes": 64 * MIB, "claimed_at": at(-5), "finished_at": at(1)},
-        {"pool": "a", "memory_limit_bytes": 160 * MIB, "claimed_at": at(2),
-         "finished_at": at(2) + timedelta(seconds=2)},
-        {"pool": "a", "memory_limit_bytes": 64 * MIB, "claimed_at": at(9), "finished_at": None},
-        {"pool": "b", "memory_limit_bytes": 256 * MIB, "claimed_at": at(-30), "finished_at": at(-20)},  # before
+        MemorySpan("a", 64 * MIB, at(-5), at(1)),
+        MemorySpan("a", 160 * MIB, at(2), at(2) + timedelta(seconds=2)),
+        MemorySpan("a", 64 * MIB, at(9), None),
+        MemorySpan("b", 256 * MIB, at(-30), at(-20)),  # before the window
     ]
     steps = held_over_time(attempts, since, now)
     assert list(steps) == ["a"]
@@ -401,15 +401,15 @@ def test_running_jobs_show_their_live_memory(queue, start_dispatcher, web):
     w = web()
 
     def memory_now() -> int:
-        rows = [r for r in queue.running_jobs() if r["id"] == job]
-        return int(rows[0]["memory_now"] or 0) if rows else 0
+        rows = [r for r in queue.running_jobs() if r.id == job]
+        return int(rows[0].memory_now or 0) if rows else 0
 
     used = wait_for(lambda: memory_now() > 40 * 1024 * 1024 and memory_now(), 30, "a live memory sample")
     assert used <= 64 * 1024 * 1024
     status, _, body = fetch(f"{w.url}/", BEARER)
     assert status == 200 and "memory now" in body and 'class="memory-now"' in body
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCELL_")}
-    env.update(JOBCELL_DATABASE_URL=queue._dsn, JOBCELL_CLASSES=json.dumps(TEST_CLASSES))
+    env.update(JOBCELL_DATABASE_URL=queue.db.dsn, JOBCELL_CLASSES=json.dumps(TEST_CLASSES))
     out = subprocess.run([sys.executable, "-m", "dispatcher.cli", "status"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert "memory now" in out.stdout and "MiB" in out.stdout.split("memory now", 1)[1], out.stdout

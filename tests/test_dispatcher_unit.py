@@ -44,7 +44,7 @@ def run(d: Dispatcher, ticks: int = 3) -> None:
 
 
 def outcomes(q: MemoryQueue, job_id: int) -> list[tuple[str, str | None]]:
-    return [(a["tier"], a["outcome"]) for a in q.attempts(job_id)]
+    return [(a.tier, a.outcome) for a in q.attempts(job_id)]
 
 
 def test_a_job_runs_and_succeeds():
@@ -169,7 +169,7 @@ def test_pages_are_stored_as_they_come_and_a_retry_resumes_after_them():
     job = submit(q)
     run(d, 5)
     assert outcomes(q, job) == [("small", "oom"), ("medium", "succeeded")]
-    assert [(p["page"], p["attempt"]) for p in q.pages(job)] == [(1, 1), (2, 1), (3, 2)]
+    assert [(p.page, p.attempt) for p in q.pages(job)] == [(1, 1), (2, 1), (3, 2)]
     assert q.completed[job] == ("application/pdf", 3, "skipped")
 
 
@@ -186,7 +186,7 @@ def test_a_second_dispatcher_adopts_units_whose_lease_expired():
     time.sleep(0.35)
     run(second, 3)
     assert q.get(job).state is JobState.SUCCEEDED and rt.launches == 1  # adopted, never relaunched
-    assert q.attempts(job)[0]["dispatcher"] == "second"
+    assert q.attempts(job)[0].dispatcher == "second"
 
 
 def test_tiers_run_on_the_runtime_their_class_names_and_an_oom_escalates_across_runtimes():
@@ -206,7 +206,7 @@ def test_tiers_run_on_the_runtime_their_class_names_and_an_oom_escalates_across_
                                params={"alloc_mib": 10}))
     d.tick()
     # the worker's 128 MiB holds two 64 MiB small jobs; Render's 256 MiB holds the large job, not the worker's
-    assert {a["tier"] for j in (*small, grows, large) for a in q.attempts(j)} == {"small", "large"}
+    assert {a.tier for j in (*small, grows, large) for a in q.attempts(j)} == {"small", "large"}
     assert len(worker.owned()) == 2 and len(render.owned()) == 1
     for _ in range(40):
         d.tick()
@@ -214,6 +214,6 @@ def test_tiers_run_on_the_runtime_their_class_names_and_an_oom_escalates_across_
             break
         time.sleep(0.1)
     assert all(q.get(j).state is JobState.SUCCEEDED for j in (*small, grows, large))
-    assert [(a["tier"], a["outcome"], a["runtime"]) for a in q.attempts(grows)] == [
+    assert [(a.tier, a.outcome, a.runtime) for a in q.attempts(grows)] == [
         ("small", "oom", "process"), ("medium", "succeeded", "render")]
-    assert [a["runtime"] for a in q.attempts(large)] == ["render"] and routed.name == "process+render"
+    assert [a.runtime for a in q.attempts(large)] == ["render"] and routed.name == "process+render"

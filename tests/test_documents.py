@@ -93,7 +93,7 @@ def bag_of_words_accuracy(truth: str, ocr: str) -> float:
 
 
 def text_of(queue: PostgresQueue, job_id: int) -> str:
-    return "\n".join(p["text"] for p in queue.pages(job_id))
+    return "\n".join(p.text for p in queue.pages(job_id))
 
 
 CORPUS_EXPECT = {
@@ -125,16 +125,16 @@ def test_every_corpus_document_ends_as_expected(docs):
         assert job.state.value == state, f"{name}: {job.state.value} ({job.reason})"
         if state == "succeeded":
             result = q.result(job_id)
-            assert result is not None and result["page_count"] == pages, name
-            assert [p["page"] for p in q.pages(job_id)] == list(range(1, pages + 1)), name
-            assert result["manifest_status"] == "skipped"  # no API key configured
+            assert result is not None and result.page_count == pages, name
+            assert [p.page for p in q.pages(job_id)] == list(range(1, pages + 1)), name
+            assert result.manifest_status == "skipped"  # no API key configured
         else:
-            assert len(attempts) == 1 and attempts[0]["outcome"] == "bad_input", f"{name}: {attempts}"
+            assert len(attempts) == 1 and attempts[0].outcome == "bad_input", f"{name}: {attempts}"
             assert reason in (job.reason or ""), f"{name}: {job.reason}"
     # the 241-page PDF ran in the small tier (512 MiB), once
     long = q.attempts(ids["pdf2image-test_241.pdf"])
-    assert [(a["tier"], a["outcome"]) for a in long] == [("small", "succeeded")]
-    assert long[0]["peak_memory_bytes"] < 512 * MIB
+    assert [(a.tier, a.outcome) for a in long] == [("small", "succeeded")]
+    assert long[0].peak_memory_bytes < 512 * MIB
 
 
 @pytest.fixture
@@ -161,7 +161,7 @@ def test_word_accuracy_against_ground_truth(docs, accuracy_report):
     assert accuracy_report["tesseract-eurotext.tif"] >= 0.95
     # reported, not gated: two-column reading order and a scan without DPI metadata
     assert accuracy_report["tesseract-8087_054.3B.tif"] > 0.5 and accuracy_report["ocrmypdf-linn.png"] > 0.5
-    words_ = q.pages(ids["tesseract-phototest.tif"])[0]["words"]
+    words_ = q.pages(ids["tesseract-phototest.tif"])[0].words
     assert all({"text", "left", "top", "width", "height", "conf"} <= set(w) for w in words_)
     assert any(isinstance(w["conf"], float) and 0 < w["conf"] <= 100 for w in words_)
 
@@ -173,10 +173,10 @@ def test_a_150_page_scan_succeeds_in_the_small_tier(docs, tmp_path):
     [job] = wait_final(q, [job_id], timeout=1200)
     assert job.state is JobState.SUCCEEDED, job.reason
     [attempt] = q.attempts(job_id)
-    assert attempt["tier"] == "small" and attempt["peak_memory_bytes"] < 512 * MIB
+    assert attempt.tier == "small" and attempt.peak_memory_bytes < 512 * MIB
     pages = q.pages(job_id)
-    assert [p["page"] for p in pages] == list(range(1, 151))
-    assert "Page 150 line 39" in pages[-1]["text"].replace("\n", " ")
+    assert [p.page for p in pages] == list(range(1, 151))
+    assert "Page 150 line 39" in pages[-1].text.replace("\n", " ")
 
 
 def pdfunite(client: Any, inputs: list[Path], out: Path) -> Path:
@@ -199,11 +199,11 @@ def test_an_oom_part_way_resumes_at_the_first_missing_page(docs, tmp_path, docke
     job_id = docs.submit(pdf)
     [job] = wait_final(q, [job_id], timeout=600)
     assert job.state is JobState.SUCCEEDED, job.reason
-    assert [(a["tier"], a["outcome"]) for a in q.attempts(job_id)] == [("small", "oom"), ("medium", "succeeded")]
+    assert [(a.tier, a.outcome) for a in q.attempts(job_id)] == [("small", "oom"), ("medium", "succeeded")]
     # whichever process the cgroup killed (pdftoppm, tesseract, python), it is memory, never "cannot be rendered"
-    assert "cannot be rendered" not in (q.attempts(job_id)[0]["error"] or "")
+    assert "cannot be rendered" not in (q.attempts(job_id)[0].error or "")
     # every page exactly once; the first four were kept from the OOM-killed attempt, only page 5 was redone
-    assert [(p["page"], p["attempt"]) for p in q.pages(job_id)] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2)]
+    assert [(p.page, p.attempt) for p in q.pages(job_id)] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2)]
 
 
 def _png_bomb(path: Path) -> Path:
@@ -234,7 +234,7 @@ def test_bad_inputs_fail_once_with_a_specific_reason(docs, tmp_path):
     for name, job_id in ids.items():
         job = q.get(job_id)
         assert job.state is JobState.FAILED and expected[name] in (job.reason or ""), f"{name}: {job.reason}"
-        assert [a["outcome"] for a in q.attempts(job_id)] == ["bad_input"], name
+        assert [a.outcome for a in q.attempts(job_id)] == ["bad_input"], name
 
 
 def test_show_text_and_export(docs, db_url, tmp_path):

@@ -50,5 +50,5 @@ def test_a_cell_keeps_running_across_an_engine_restart(queue, start_dispatcher, 
     [j] = wait_final(queue, [job], timeout=120)
     assert j.state is JobState.SUCCEEDED, j.reason
     [attempt] = queue.attempts(job)
-    assert (attempt["outcome"], attempt["exit_code"]) == ("succeeded", 0)
-    assert attempt["handle"] == cell["Id"]  # the same container, re-attached, not a relaunch
+    assert (attempt.outcome, attempt.exit_code) == ("succeeded", 0)
+    assert attempt.handle == cell["Id"]  # the same container, re-attached, not a relaunch

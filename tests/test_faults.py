@@ -19,7 +19,7 @@ from .conftest import diag, pool_containers, sql, wait_final, wait_for
 
 
 def outcomes(queue: PostgresQueue, job_id: int) -> list[tuple[str, str]]:
-    return [(a["tier"], a["outcome"]) for a in queue.attempts(job_id)]
+    return [(a.tier, a.outcome) for a in queue.attempts(job_id)]
 
 
 def created_never_started(queue: PostgresQueue, client: docker.DockerClient, pool: str, db_url: str, image: str,
@@ -43,8 +43,8 @@ def test_a_cell_created_but_never_started_is_lost_and_retried(queue, start_dispa
     [j] = wait_final(queue, [job], timeout=60)
     assert j.state is JobState.SUCCEEDED, j.reason
     attempts = queue.attempts(job)
-    assert [a["outcome"] for a in attempts] == ["lost", "succeeded"]
-    assert "never started" in attempts[0]["error"]
+    assert [a.outcome for a in attempts] == ["lost", "succeeded"]
+    assert "never started" in attempts[0].error
     assert pool_containers(docker_client, pool) == []
 
 
@@ -88,12 +88,12 @@ def test_a_sigkill_from_outside_is_lost_not_oom_and_retried_on_the_same_tier(que
     job = diag(queue, alloc_mib=10, sleep_s=20)
     start_dispatcher()
     [c] = wait_for(lambda: pool_containers(docker_client, pool, running_only=True), what="a running cell")
-    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["started_at"], what="started")
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0].started_at, what="started")
     docker_client.api.kill(c["Id"])  # a human's `docker kill`, a node drain, an engine restart without live-restore
-    wait_for(lambda: queue.attempts(job)[0]["outcome"], what="the first attempt's end")
+    wait_for(lambda: queue.attempts(job)[0].outcome, what="the first attempt's end")
     first = queue.attempts(job)[0]
-    assert (first["outcome"], first["exit_code"], first["oom_killed"]) == ("lost", 137, False)
-    assert first["peak_memory_bytes"] is None or first["peak_memory_bytes"] < first["memory_limit_bytes"]
+    assert (first.outcome, first.exit_code, first.oom_killed) == ("lost", 137, False)
+    assert first.peak_memory_bytes is None or first.peak_memory_bytes < first.memory_limit_bytes
     j = queue.get(job)
     assert j.tier == "small" and j.state in (JobState.QUEUED, JobState.RUNNING)  # retried on the same tier
     assert "(lost); will retry" in (j.reason or "") or j.state is JobState.RUNNING
@@ -135,7 +135,7 @@ def test_a_dispatcher_that_lost_its_lease_leaves_the_unit_to_its_new_owner(queue
     the job succeeds on its first attempt, recorded by the adopter."""
     job = diag(queue, alloc_mib=10, sleep_s=6)
     first = start_dispatcher(owner="first")
-    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["started_at"], what="a started unit")
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0].started_at, what="a started unit")
     first.d.heartbeat = lambda: None  # type: ignore[method-assign]  # "paused": it renews nothing
     sql(db_url, "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", job)
     start_dispatcher(owner="second")
@@ -143,7 +143,7 @@ def test_a_dispatcher_that_lost_its_lease_leaves_the_unit_to_its_new_owner(queue
     del first.d.heartbeat  # "resumed": it finds its lease gone
     [j] = wait_final(queue, [job], timeout=60)
     [attempt] = queue.attempts(job)
-    assert j.state is JobState.SUCCEEDED and (attempt["outcome"], attempt["dispatcher"]) == ("succeeded", "second")
+    assert j.state is JobState.SUCCEEDED and (attempt.outcome, attempt.dispatcher) == ("succeeded", "second")
 
 
 def test_a_class_renamed_while_its_job_runs_is_adopted_not_a_crash(queue, start_dispatcher, pool):
@@ -153,19 +153,19 @@ def test_a_class_renamed_while_its_job_runs_is_adopted_not_a_crash(queue, start_
 
     job = diag(queue, sleep_s=4)
     first = start_dispatcher(owner="first")
-    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["started_at"], what="a started unit")
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0].started_at, what="a started unit")
     first.stop()  # leaves the unit, releases the lease
     renamed = load_table([dict(c, name="tiny") if c["name"] == "small" else c for c in TEST_CLASSES])
     start_dispatcher(owner="second", classes=renamed)
     [j] = wait_final(queue, [job], timeout=60)
-    assert j.state is JobState.SUCCEEDED and [a["outcome"] for a in queue.attempts(job)] == ["succeeded"]
+    assert j.state is JobState.SUCCEEDED and [a.outcome for a in queue.attempts(job)] == ["succeeded"]
 
 
 def test_an_adopted_attempt_lasts_as_long_as_its_unit_ran(queue, start_dispatcher, pool):
     """Not as long as the dispatcher was away: the runtime's own start and finish times."""
     job = diag(queue, sleep_s=2)
     first = start_dispatcher(owner="first")
-    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0]["started_at"], what="a started unit")
+    wait_for(lambda: queue.attempts(job) and queue.attempts(job)[0].started_at, what="a started unit")
     first.stop()
 
 
@@ -173,4 +173,4 @@ def test_an_adopted_attempt_lasts_as_long_as_its_unit_ran(queue, start_dispatche
     start_dispatcher(owner="second")
     wait_final(queue, [job], timeout=60)
     [attempt] = queue.attempts(job)
-    assert attempt["outcome"] == "succeeded" and 1.5 < attempt["duration_s"] < 6, attempt["duration_s"]
+    assert attempt.outcome == "succeeded" and 1.5 < attempt.duration_s < 6, attempt.duration_s

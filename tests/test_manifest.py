@@ -71,13 +71,13 @@ def test_the_dispatcher_summarises_a_succeeded_document_outside_its_cell(docs): 
             job_id = docs.submit(CORPUS / "tesseract-phototest.tif")
             [job] = wait_final(q, [job_id], timeout=300)
             assert job.state is JobState.SUCCEEDED, job.reason
-            wait_for(lambda: (q.result(job_id) or {}).get("manifest_status") == "done", timeout=60,
+            wait_for(lambda: (r := q.result(job_id)) is not None and r.manifest_status == "done", timeout=60,
                      what="the manifest")
         finally:
             worker.stop()
     result = q.result(job_id)
-    assert result is not None and result["manifest"] == MANIFEST
+    assert result is not None and result.manifest == MANIFEST
     assert len(fake.requests) == 2
     assert "quick brown" in fake.requests[-1]["body"]["messages"][1]["content"]
     assert fake.requests[-1]["auth"] == "Bearer sk-test-not-a-real-key"
-    assert all("sk-test" not in (a["log_tail"] or "") for a in q.attempts(job_id))
+    assert all("sk-test" not in (a.log_tail or "") for a in q.attempts(job_id))

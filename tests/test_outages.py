@@ -74,6 +74,6 @@ def test_database_outage_loses_no_job(own_postgres, table, docker_client, job_im
         dq.close()
     assert [(j.state, j.attempt) for j in jobs] == [(JobState.SUCCEEDED, 1)] * 3
     for job_id in ids:
-        assert [a["outcome"] for a in q.attempts(job_id)] == ["succeeded"]
+        assert [a.outcome for a in q.attempts(job_id)] == ["succeeded"]
     assert "database unavailable" in caplog.text
     q.close()

@@ -24,8 +24,8 @@ def test_without_a_cgroup_rlimit_as_caps_the_job_and_reads_as_oom(queue, start_d
     [j] = wait_final(queue, [job])
     # 300 MiB never fits the small and medium address spaces; the large one (256 MiB) neither: failed, as oom
     assert j.state is JobState.FAILED and "needs more than 256 MiB" in (j.reason or "")
-    assert [a["outcome"] for a in queue.attempts(job)] == ["oom", "oom", "oom"]
-    assert "out of memory" in queue.attempts(job)[0]["error"]
+    assert [a.outcome for a in queue.attempts(job)] == ["oom", "oom", "oom"]
+    assert "out of memory" in queue.attempts(job)[0].error
 
 
 def test_units_live_on_disk_and_a_second_launch_of_an_attempt_is_refused(queue, pool, tmp_path: Path):
@@ -70,18 +70,18 @@ def test_without_a_cgroup_the_watchdog_caps_the_job_as_oom_and_the_next_tier_suc
     [j] = wait_final(queue, [job])
     assert j.state is JobState.SUCCEEDED, j.reason
     small, medium = queue.attempts(job)
-    assert (small["tier"], small["outcome"], medium["tier"], medium["outcome"]) == \
+    assert (small.tier, small.outcome, medium.tier, medium.outcome) == \
         ("small", "oom", "medium", "succeeded")
-    assert small["peak_memory_bytes"] == small["memory_limit_bytes"] == 64 * MIB
+    assert small.peak_memory_bytes == small.memory_limit_bytes == 64 * MIB
     if step_sleep_s:  # 8 MiB every 100 ms: the watchdog sees the tree pass 64 MiB long before RLIMIT_DATA (80)
-        assert small["oom_killed"] is True  # the runtime's own signal, not only the cell's word
-        assert small["exit_code"] == 137
-        assert "killed by the process runtime's watchdog" in small["error"]
+        assert small.oom_killed is True  # the runtime's own signal, not only the cell's word
+        assert small.exit_code == 137
+        assert "killed by the process runtime's watchdog" in small.error
     else:  # faster than it samples: RLIMIT_DATA refuses an allocation (the cell reports it, exit 86: oom
         # by the contract), or the watchdog kills (the runtime's own signal)
-        assert (small["exit_code"], small["oom_killed"]) in ((86, False), (86, True), (137, True))
+        assert (small.exit_code, small.oom_killed) in ((86, False), (86, True), (137, True))
     # the tree's own peak: above what it allocated, within its cap (not the host's, capped to the limit)
-    assert 100 * MIB < medium["peak_memory_bytes"] < 160 * MIB
+    assert 100 * MIB < medium.peak_memory_bytes < 160 * MIB
 
 
 def test_without_a_cgroup_a_job_under_its_limit_reports_its_own_trees_peak(queue, start_dispatcher, pool,
@@ -93,7 +93,7 @@ def test_without_a_cgroup_a_job_under_its_limit_reports_its_own_trees_peak(queue
     [a] = queue.attempts(job)
     # The cell's own peak record reads the enclosing cgroup (here the whole machine's), which would be stored as
     # exactly the limit: the runtime drops it and reports the watchdog's sample of the unit's processes.
-    assert 20 * MIB < a["peak_memory_bytes"] < 64 * MIB
+    assert 20 * MIB < a.peak_memory_bytes < 64 * MIB
 
 
 def test_without_a_cgroup_a_sigkill_from_outside_is_lost_not_oom(queue, start_dispatcher, pool, tmp_path: Path):
@@ -116,8 +116,8 @@ def test_without_a_cgroup_a_sigkill_from_outside_is_lost_not_oom(queue, start_di
     [j] = wait_final(queue, [job])
     assert j.state is JobState.SUCCEEDED, j.reason
     first, second = queue.attempts(job)
-    assert (first["outcome"], first["exit_code"], first["oom_killed"]) == ("lost", 137, False)
-    assert (second["tier"], second["outcome"]) == ("small", "succeeded")  # retried on the same tier
+    assert (first.outcome, first.exit_code, first.oom_killed) == ("lost", 137, False)
+    assert (second.tier, second.outcome) == ("small", "succeeded")  # retried on the same tier
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 100_000])

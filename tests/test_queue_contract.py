@@ -88,7 +88,7 @@ def test_adoption_takes_only_our_own_or_an_expired_lease(any_queue):
     any_queue.expire(job)
     adopted = q.adopt("second", "p", job, 1)
     assert adopted is not None and adopted.job.lease_owner == "second"
-    assert q.attempts(job)[0]["dispatcher"] == "second"
+    assert q.attempts(job)[0].dispatcher == "second"
     assert q.heartbeat("first", [job]) == (set(), set()) and q.heartbeat("second", [job])[0] == {job}
 
 
@@ -99,7 +99,7 @@ def test_an_expired_lease_without_a_unit_is_reaped_as_lost(any_queue):
     any_queue.expire(kept)
     any_queue.expire(lost)
     assert q.reap("p", [kept]) == [lost]
-    assert q.get(lost).state is JobState.QUEUED and q.attempts(lost)[0]["outcome"] == "lost"
+    assert q.get(lost).state is JobState.QUEUED and q.attempts(lost)[0].outcome == "lost"
     assert q.get(kept).state is JobState.RUNNING
 
 

@@ -59,8 +59,8 @@ def test_a_document_in_s3_is_streamed_into_its_cell_and_ocrd(docs, s3):  # noqa:
     job_id = submit_s3(docs, uri, size, key)
     [job] = wait_final(q, [job_id], timeout=120)
     assert job.state is JobState.SUCCEEDED, job.reason
-    assert "quick brown" in q.pages(job_id)[0]["text"]
-    assert all("testing" not in (a["log_tail"] or "") for a in q.attempts(job_id))
+    assert "quick brown" in q.pages(job_id)[0].text
+    assert all("testing" not in (a.log_tail or "") for a in q.attempts(job_id))
 
 
 def test_missing_objects_and_oversized_documents_are_bad_input(docs, s3):  # noqa: F811
@@ -76,7 +76,7 @@ def test_missing_objects_and_oversized_documents_are_bad_input(docs, s3):  # noq
     assert "the file is 1.1 MB, over the 0.5 MB limit" in (q.get(big).reason or "")
     assert "does not exist" in (q.get(gone).reason or "")
     for job_id in (big, gone):
-        assert [a["outcome"] for a in q.attempts(job_id)] == ["bad_input"]
+        assert [a.outcome for a in q.attempts(job_id)] == ["bad_input"]
 
 
 def test_a_presigned_url_reads_that_one_document_for_minutes(s3):

@@ -75,7 +75,7 @@ def probe(queue: PostgresQueue, **params: Any) -> int:
 
 def report(queue: PostgresQueue, job_id: int) -> dict[str, Any]:
     [attempt] = queue.attempts(job_id)
-    line = next(ln for ln in (attempt["log_tail"] or "").splitlines() if ln.startswith("probe "))
+    line = next(ln for ln in (attempt.log_tail or "").splitlines() if ln.startswith("probe "))
     return json.loads(line.removeprefix("probe "))  # type: ignore[no-any-return]
 
 
@@ -173,7 +173,7 @@ def test_a_cell_that_breaks_the_result_contract_is_refused_once(queue, start_dis
     [j] = wait_final(queue, [job])
     assert j.state.value == "failed" and re.search(reason, j.reason or ""), j.reason
     assert (j.reason or "").startswith("refused the cell's results")
-    assert [a["outcome"] for a in queue.attempts(job)] == ["bad_input"]  # never retried
+    assert [a.outcome for a in queue.attempts(job)] == ["bad_input"]  # never retried
     assert sql(db_url, "SELECT * FROM document_pages WHERE job_id = %s", victim) == before
     assert queue.get(victim).state.value == "succeeded"
     # only its own first page can have been stored, and no result was recorded for it
@@ -186,7 +186,7 @@ def test_exit_0_without_a_whole_result_is_not_success(queue, start_dispatcher):
     start_dispatcher()
     [j] = wait_final(queue, [job])
     assert j.state.value == "failed" and "exited 0 without emitting a result" in (j.reason or ""), j.reason
-    assert [a["outcome"] for a in queue.attempts(job)] == ["error"]
+    assert [a.outcome for a in queue.attempts(job)] == ["error"]
 
 
 def test_docker_inspect_of_a_running_cell_shows_no_secret(queue, start_dispatcher, docker_client, pool, db_url):
@@ -212,5 +212,5 @@ def test_a_document_is_streamed_into_a_cell_that_sees_only_it(docs):  # noqa: F8
     job_id = docs.submit(CORPUS / "tesseract-phototest.tif")
     [job] = wait_final(q, [job_id], timeout=180)
     assert job.state.value == "succeeded", job.reason
-    assert "quick brown" in q.pages(job_id)[0]["text"]
+    assert "quick brown" in q.pages(job_id)[0].text
     assert not [p for p in Path(docs.store_dir).iterdir() if p.stat().st_mode & 0o077]  # the dispatcher's only
