@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -12,10 +13,13 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from dispatcher.classes import check_budget, parse_bytes
 from dispatcher.errors import ConfigError, JobcellError
 from dispatcher.models import MIB, LaunchSpec
 from dispatcher.ports import CellInput
+from dispatcher.routing import routed_budgets
 from dispatcher.runtimes.render import PLANS, RenderError, RenderOptions, RenderRuntime, command_env, plan_for
+from dispatcher.settings import load_settings
 from job_image.contract import Header, decode
 
 from .conftest import ROOT
@@ -160,7 +164,7 @@ def test_a_vanished_job_is_lost(render: tuple[FakeRender, RenderRuntime]) -> Non
     assert list(rt.output(Handle("render", "job-missing", 1, 1))) == []
 
 
-def test_the_blueprint_gives_cells_a_base_service_without_secrets() -> None:
+def test_the_blueprint_gives_cells_a_base_service_without_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     blueprint = yaml.safe_load((ROOT / "render.yaml").read_text())
     services = {s["name"]: s for s in blueprint["services"]}
     cell, dispatcher = services["jobcell-cell"], services["jobcell-dispatcher"]
@@ -173,7 +177,21 @@ def test_the_blueprint_gives_cells_a_base_service_without_secrets() -> None:
         "fromGroup" not in v for v in cell.get("envVars", [])), "no env group reaches a cell"
     keys = {v["key"]: v for v in dispatcher["envVars"]}
     assert keys["JOBCELL_RENDER_SERVICE_ID"] == {"key": "JOBCELL_RENDER_SERVICE_ID", "sync": False}
-    assert keys["JOBCELL_RUNTIME"]["value"] == "render"
+    assert keys["JOBCELL_RUNTIME"]["value"] == "process"  # small documents on the worker itself
+    assert blueprint["databases"][0]["postgresMajorVersion"] == "16"
+    # the dispatcher's configuration as the blueprint gives it is one the dispatcher accepts
+    env = {v["key"]: str(v["value"]) for v in dispatcher["envVars"] if "value" in v}
+    env.update(JOBCELL_DATABASE_URL="postgresql://u:p@db/jobcell", JOBCELL_RENDER_SERVICE_ID="srv-cell",
+               RENDER_API_KEY="rnd_x", JOBCELL_S3_BUCKET="docs")
+    monkeypatch.setattr(os, "environ", env)
+    s = load_settings()
+    table = s.table()
+    assert s.runtimes() == ["process", "render"] and s.process_cap == "watchdog"
+    assert [(c.name, c.runtime) for c in table.classes] == [("small", None), ("medium", "render"),
+                                                             ("large", "render")]
+    budgets = routed_budgets(table, s.runtime, {k: parse_bytes(v) for k, v in s.runtime_budgets.items()})
+    check_budget(table, s.budget_bytes(512 * MIB), budgets)
+    assert [plan_for(c.memory_limit_bytes) for c in table.classes[1:]] == ["plan-srv-008", "plan-srv-010"]
     for name in ("RENDER_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "OPENAI_API_KEY"):
         assert keys[name] == {"key": name, "sync": False}, f"{name} is set in the dashboard, never in this file"
 
