@@ -26,7 +26,15 @@ from .queue import PostgresQueue
 from .retention import prune
 from .settings import Settings, load_settings
 from .views import NO_RESULT
-from .wiring import build_dispatcher, build_http, build_manifests, build_queue, build_retention, build_store
+from .wiring import (
+    build_dispatcher,
+    build_http,
+    build_manifests,
+    build_queue,
+    build_retention,
+    build_store,
+    build_webhooks,
+)
 
 log = logging.getLogger("jobcell")
 
@@ -105,7 +113,7 @@ def cmd_submit(s: Settings, a: argparse.Namespace) -> int:
     ids = []
     for src in a.paths:
         job = client.submit(src, size_class=a.size_class, priority=a.priority, lang=a.lang,
-                            max_attempts=a.max_attempts, force=a.force)
+                            max_attempts=a.max_attempts, force=a.force, webhook_url=a.webhook)
         ids.append(job.id)
         print(f"job {job.id}: {src} ({job.size_class})" + ("" if job.new else f" already submitted: {job.state}"
                                                            " (`jobcell retry` runs it again, --force makes a new job)"))
@@ -251,7 +259,8 @@ def cmd_run(s: Settings, a: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         workers = [w for w in (build_manifests(s, build_queue(s, give_up_after_s=None)),
-                               build_retention(s, build_queue(s, give_up_after_s=None), build_store(s)))
+                               build_retention(s, build_queue(s, give_up_after_s=None), build_store(s)),
+                               build_webhooks(s))
                    if w is not None]  # each on a thread of its own: never in the dispatch loop's way
         for w in workers:
             w.start()
@@ -497,6 +506,7 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--max-attempts", type=_bounded(1, 100), default=None, help="1 to 100")
     sm.add_argument("--force", action="store_true", help="a new job even if the same document was submitted")
     sm.add_argument("--lang", help="tesseract languages for these documents, e.g. eng+deu (default: the image's)")
+    sm.add_argument("--webhook", metavar="URL", help="POST a signed event to this URL when each job ends")
     sm.add_argument("--diag", metavar="SPEC", help="a diagnostic job instead of a document: "
                     "alloc_mib=N,sleep_s=S,exit_code=C,message=TEXT")
     sm.set_defaults(fn=cmd_submit)

@@ -71,7 +71,7 @@ class MemoryQueue:
                 id=job_id, state=JobState.QUEUED, document_uri=job.document_uri, document_bytes=job.document_bytes,
                 workload=job.workload, params=dict(job.params), size_class=job.size_class, tier=job.size_class,
                 priority=job.priority, attempt=0, max_attempts=job.max_attempts, scheduled_at=now, created_at=now,
-                source=job.source)
+                source=job.source, metadata=dict(job.metadata), webhook_url=job.webhook_url)
             self._keys[job.unique_key] = job_id
         self._notify()
         return job_id, True

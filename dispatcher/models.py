@@ -111,6 +111,7 @@ class Job:
     source: str | None = None  # what the user submitted (a path or URI)
     metadata: dict[str, Any] = field(default_factory=dict)
     pages_total: int | None = None  # as the running (or last) attempt's cell declared it
+    webhook_url: str | None = None  # told of the job's end, besides the deployment's JOBCELL_WEBHOOK_URL
 
 
 @dataclass(frozen=True)
@@ -146,3 +147,4 @@ class NewJob:
     max_attempts: int = 5
     source: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)  # the caller's own (a tenant, an upload id)
+    webhook_url: str | None = None

@@ -35,7 +35,7 @@ def job_from_row(row: Row) -> Job:
         cancel_requested=row["cancel_requested"], lease_owner=row["lease_owner"],
         lease_expires_at=row["lease_expires_at"], reason=row["reason"], finished_at=row["finished_at"],
         memory_limit_bytes=row["memory_limit_bytes"], pool=row["pool"], source=row.get("source"),
-        metadata=row.get("metadata") or {}, pages_total=row.get("pages_total"))
+        metadata=row.get("metadata") or {}, pages_total=row.get("pages_total"), webhook_url=row.get("webhook_url"))
 
 
 class PostgresQueue(QueueReads):
@@ -79,7 +79,8 @@ class PostgresQueue(QueueReads):
             row = self.db.one(conn, "submit", unique_key=job.unique_key, document_uri=job.document_uri,
                               source=job.source, document_bytes=job.document_bytes, workload=job.workload,
                               params=Jsonb(job.params), size_class=job.size_class, priority=job.priority,
-                              max_attempts=job.max_attempts, metadata=Jsonb(job.metadata))
+                              max_attempts=job.max_attempts, metadata=Jsonb(job.metadata),
+                              webhook_url=job.webhook_url)
             if row is not None:
                 return row["id"], True
             existing = self.db.one(conn, "id_by_unique_key", unique_key=job.unique_key)

@@ -6,6 +6,7 @@ import os
 import re
 import socket
 from typing import Literal
+from urllib.parse import urlsplit
 
 from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict
@@ -65,6 +66,12 @@ class Settings(BaseSettings, JobOptions):
     http_port: int | None = Field(default=None, ge=1, le=65535)
     http_host: str = Field(default="127.0.0.1", min_length=1)
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for log shippers
+    # Webhooks (dispatcher/webhooks.py): the deployment's URL, told of every job's end (jobs may name their
+    # own too); every request is signed with the secret, and none is sent without one
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    webhook_max_tries: int = Field(default=10, ge=1, le=100)
     # Retention on a schedule: every dispatcher prunes finished jobs older than this (e.g. 30d), with their
     # pages, results and stored documents, each prune_every_s; unset: nothing is deleted unless `jobcell prune`
     prune_after: str | None = None
@@ -98,6 +105,18 @@ class Settings(BaseSettings, JobOptions):
             raise ValueError(f"{bad} are not Render instance type ids: use plan-srv-006 (starter, 512 MB), "
                              "plan-srv-008 (standard, 2 GB), plan-srv-010 (pro, 4 GB), plan-srv-011 (pro plus, 8 GB),"
                              " plan-srv-013 (16 GB) or plan-srv-014 (32 GB); plan-crn-* for a cron job base")
+        return v
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        return None if v is None else check_webhook_url(v)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 24`)")
         return v
 
     @field_validator("runtime_budgets")
@@ -156,6 +175,14 @@ class Settings(BaseSettings, JobOptions):
         return JobOptions(**{name: getattr(self, name) for name in JobOptions.model_fields})
 
 
+def check_webhook_url(url: str) -> str:
+    """An absolute http(s) URL, or a ValueError that says so."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not a webhook URL: expected http(s)://host/path")
+    return url
+
+
 # Settings that gave cells credentials or a shared store; refused so that an upgrade cannot silently keep them.
 RETIRED = {
     "JOBCELL_JOB_ENV": "cells hold no credentials any more; the dispatcher stores what they emit and runs the "
@@ -186,6 +213,9 @@ def load_settings() -> Settings:
     if s.runtime in ("kubernetes", "render") and s.memory_budget.endswith("%"):
         raise ConfigError(f"JOBCELL_MEMORY_BUDGET must be an amount (e.g. 8GiB) with JOBCELL_RUNTIME={s.runtime}: "
                           "a share of the dispatcher's own memory says nothing about where jobs run")
+    if s.webhook_url and s.webhook_secret is None:
+        raise ConfigError("JOBCELL_WEBHOOK_URL needs JOBCELL_WEBHOOK_SECRET (at least 16 characters): webhooks are "
+                          "only sent signed, so that receivers can tell them from forgeries")
     for runtime in s.runtimes():  # the dispatcher's own runtime and every one a class is routed to
         where = f"JOBCELL_RUNTIME={runtime}" if runtime == s.runtime else f"a class routed to {runtime}"
         if runtime in ("kubernetes", "render") and not s.s3_bucket:

@@ -9,6 +9,7 @@ import docker
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from .classes import check_budget, parse_bytes
+from .database import Database
 from .errors import ConfigError
 from .loop import Dispatcher, LoopConfig
 from .manifest import ManifestWorker, Summariser
@@ -22,6 +23,7 @@ from .runtimes.docker import DockerOptions, DockerRuntime
 from .runtimes.process import ProcessOptions, ProcessRuntime
 from .settings import Settings
 from .store import LocalStore, S3Store
+from .webhooks import WebhookDeliverer, WebhookOptions
 
 log = logging.getLogger("jobcell.wiring")
 
@@ -63,6 +65,14 @@ def build_runtime(s: Settings, queue_id: str, store: DocumentStore,
                             user=s.job_user, pids_limit=s.pids_limit, tmpfs_size=s.tmpfs_size,
                             scratch_size=s.scratch_size, cpus=s.job_cpus)
     return DockerRuntime(options, client=client, documents=store.open)
+
+
+def build_webhooks(s: Settings) -> WebhookDeliverer:
+    """Always: jobs may name a URL of their own even where the deployment has none."""
+    secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
+    return WebhookDeliverer(Database(s.dsn()), WebhookOptions(url=s.webhook_url, secret=secret,
+                                                              timeout_s=s.webhook_timeout_s,
+                                                              max_tries=s.webhook_max_tries))
 
 
 def build_retention(s: Settings, queue: PostgresQueue, store: DocumentStore) -> RetentionWorker | None:

@@ -13,11 +13,12 @@ from importlib.metadata import PackageNotFoundError, version
 from dispatcher.errors import JobcellError, NotFound, StateError
 
 from .client import Client, Document, Event, JobView, Page, Result
+from .webhooks import BadSignature, verify_webhook
 
 try:
     __version__ = version("jobcell")
 except PackageNotFoundError:  # run from a checkout that is not installed
     __version__ = "0+unknown"
 
-__all__ = ["Client", "Document", "Event", "JobView", "JobcellError", "NotFound", "Page", "Result", "StateError",
-           "__version__"]
+__all__ = ["BadSignature", "Client", "Document", "Event", "JobView", "JobcellError", "NotFound", "Page", "Result",
+           "StateError", "__version__", "verify_webhook"]

@@ -24,7 +24,7 @@ from dispatcher.errors import DatabaseUnavailable, JobcellError
 from dispatcher.models import ALL_TIERS, Job, JobState, NewJob, Pause
 from dispatcher.ports import DocumentStore
 from dispatcher.queue import EVENTS_CHANNEL, PostgresQueue
-from dispatcher.settings import Settings, load_settings
+from dispatcher.settings import Settings, check_webhook_url, load_settings
 from dispatcher.views import NO_RESULT
 from dispatcher.wiring import build_queue, build_store
 
@@ -120,14 +120,21 @@ class Client:
 
     def submit(self, document: Document, *, name: str | None = None, size_class: str | None = None,
                priority: int = 0, lang: str | None = None, max_attempts: int | None = None,
-               metadata: dict[str, Any] | None = None, force: bool = False) -> JobView:
+               metadata: dict[str, Any] | None = None, force: bool = False,
+               webhook_url: str | None = None) -> JobView:
         """Store a document (a path, bytes, a binary file object, or an s3:// URI already stored) and enqueue it.
 
         The same bytes with the same options return the job already made (whatever its state: see retry());
-        other options, or force=True, make a new job."""
+        other options, or force=True, make a new job. `webhook_url` is sent a signed event when the job ends
+        (verify it with jobcell.verify_webhook), besides the deployment's JOBCELL_WEBHOOK_URL."""
         table = self.settings.table()
         if size_class is not None and size_class not in table.names:
             raise JobcellError(f"no size class {size_class!r}; known: {', '.join(table.names)}")
+        if webhook_url is not None:
+            try:
+                check_webhook_url(webhook_url)
+            except ValueError as e:
+                raise JobcellError(str(e)) from None
         params: dict[str, Any] = {"lang": lang} if lang else {}
         with _as_path(document, name) as (path, source):
             if path.startswith("s3://"):
@@ -138,7 +145,8 @@ class Client:
         key = _unique_key(key, params, force)
         job = NewJob(document_uri=uri, document_bytes=size, unique_key=key, source=source,
                      size_class=size_class or table.for_size(size).name, params=params, priority=priority,
-                     max_attempts=max_attempts or self.settings.max_attempts, metadata=dict(metadata or {}))
+                     max_attempts=max_attempts or self.settings.max_attempts, metadata=dict(metadata or {}),
+                     webhook_url=webhook_url)
         job_id, created = self.queue.submit(job)
         return replace(self.get(job_id), new=created)
 

@@ -64,6 +64,8 @@ def test_classes_prints_the_default_table():
     ("JOBCELL_STORE_MOUNT", "jobcell-store", "JOBCELL_STORE_MOUNT: cells no longer mount the store"),
     ("JOBCELL_RENDER_PLANS", '{"large": "starter"}', "are not Render instance type ids: use plan-srv-006"),
     ("JOBCELL_RUNTIME_BUDGETS", '{"render": "lots"}', "JOBCELL_RUNTIME_BUDGETS"),
+    ("JOBCELL_WEBHOOK_URL", "https://app.invalid/hooks", "JOBCELL_WEBHOOK_URL needs JOBCELL_WEBHOOK_SECRET"),
+    ("JOBCELL_WEBHOOK_URL", "ftp://app.invalid/hooks", "is not a webhook URL"),
     ("JOBCELL_CLASSES", '[{"name": "small", "memory_limit_bytes": "64MiB", "max_running": 1, "timeout_s": 5, '
                         '"runtime": "render"}]', "a class routed to render needs JOBCELL_S3_BUCKET"),
 ])
@@ -195,6 +197,7 @@ def test_status_shows_running_jobs_and_budget_use(cli_env, queue, start_dispatch
     (["submit", "--lang", "eng;rm", "x.pdf"], "--lang 'eng;rm'"),
     (["submit", "--class", "huge", "x.pdf"], "--class 'huge': no such class"),
     (["submit", "/tmp"], "/tmp: is a directory"),
+    (["submit", "--webhook", "file:///etc/passwd", "/etc/hostname"], "is not a webhook URL: expected http(s)://"),
     (["report", "424242"], "no job 424242"),
     (["show", "424242"], "no job 424242"),
 ])

@@ -2,9 +2,9 @@
 
 -- name: submit
 INSERT INTO jobs (unique_key, document_uri, source, document_bytes, workload, params, size_class, tier, priority,
-                  max_attempts, metadata)
+                  max_attempts, metadata, webhook_url)
 VALUES (%(unique_key)s, %(document_uri)s, %(source)s, %(document_bytes)s, %(workload)s, %(params)s, %(size_class)s,
-        %(size_class)s, %(priority)s, %(max_attempts)s, %(metadata)s)
+        %(size_class)s, %(priority)s, %(max_attempts)s, %(metadata)s, %(webhook_url)s)
 ON CONFLICT (unique_key) DO NOTHING
 RETURNING id;
 
@@ -299,3 +299,24 @@ LIMIT %(limit)s;
 UPDATE job_attempts a SET memory_now = m.used, memory_seen_at = now()
 FROM unnest(%(jobs)s::bigint[], %(attempts)s::int[], %(used)s::bigint[]) AS m(job_id, attempt, used)
 WHERE a.job_id = m.job_id AND a.attempt = m.attempt AND a.outcome IS NULL;
+
+-- webhooks (dispatcher/webhooks.py) ----------------------------------------------------------------------------
+
+-- name: webhooks_claim
+-- Due events, claimed for lease_s (at least once: a deliverer that dies mid-way leaves them due again then).
+UPDATE webhook_outbox o SET next_at = now() + make_interval(secs => %(lease_s)s), tries = o.tries + 1
+FROM jobs j
+WHERE o.id IN (SELECT id FROM webhook_outbox WHERE next_at <= now() ORDER BY next_at, id LIMIT %(limit)s
+               FOR UPDATE SKIP LOCKED)
+  AND j.id = o.job_id
+RETURNING o.id, o.event_id, o.job_id, o.state, o.attempt, o.tier, o.url, o.created_at, o.tries, j.size_class,
+          j.reason, j.metadata, j.created_at AS submitted_at, j.finished_at,
+          (SELECT count(*) FROM document_pages p WHERE p.job_id = o.job_id) AS pages;
+
+-- name: webhook_delivered
+DELETE FROM webhook_outbox WHERE id = %(id)s;
+
+-- name: webhook_failed
+UPDATE webhook_outbox SET next_at = now() + make_interval(secs => %(delay_s)s), last_error = %(error)s
+WHERE id = %(id)s;
+
