@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from .background import Periodic
 
 log = logging.getLogger("jobcell.manifest")
 
@@ -141,26 +142,19 @@ class ManifestStore(Protocol):
                      error: str | None = None, retry_in_s: float = 0.0) -> None: ...
 
 
-class ManifestWorker:
+class ManifestWorker(Periodic):
     """Summarises succeeded documents on a thread of its own: never blocks the dispatch loop."""
 
+    name = "manifests"
+
     def __init__(self, store: ManifestStore, summariser: Summariser, every_s: float = 2.0) -> None:
-        self.store, self.summariser, self.every_s = store, summariser, every_s
-        self.stopping = threading.Event()
+        super().__init__(every_s)
+        self.store, self.summariser = store, summariser
 
-    def start(self) -> threading.Thread:
-        t = threading.Thread(target=self.run, name="jobcell-manifests", daemon=True)
-        t.start()
-        return t
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                for job_id, tries in self.store.pending_manifests(limit=4):
-                    self.one(job_id, tries)
-            except Exception as e:  # the database is down: the next round tries again
-                log.warning("manifest round failed (%s: %s)", type(e).__name__, e)
-            self.stopping.wait(self.every_s)
+    def round(self) -> bool:
+        for job_id, tries in self.store.pending_manifests(limit=4):
+            self.one(job_id, tries)
+        return False
 
     def one(self, job_id: int, tries: int) -> None:
         try:
@@ -175,5 +169,3 @@ class ManifestWorker:
         log.info("job %s: manifest done (%s, %s LLM call(s))", job_id, manifest.document_type,
                  self.summariser.calls)
 
-    def stop(self) -> None:
-        self.stopping.set()

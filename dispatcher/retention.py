@@ -4,9 +4,9 @@ no other job uses. Run by hand (`jobcell prune`) or on a schedule by the dispatc
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 
+from .background import Periodic
 from .ports import DocumentStore
 from .queue import PostgresQueue
 
@@ -33,29 +33,18 @@ def prune(queue: PostgresQueue, store: DocumentStore, age_s: float, *, dry_run: 
     return Pruned(len(ids), attempts, pages, len(documents))
 
 
-class RetentionWorker:
-    """Prunes every `every_s` on a thread of its own; a failed round (database down) is logged and retried."""
+class RetentionWorker(Periodic):
+    """Prunes every `every_s` on a thread of its own."""
+
+    name = "retention"
 
     def __init__(self, queue: PostgresQueue, store: DocumentStore, age_s: float, every_s: float = 3600.0) -> None:
-        self.queue, self.store, self.age_s, self.every_s = queue, store, age_s, every_s
-        self.stopping = threading.Event()
+        super().__init__(every_s)
+        self.queue, self.store, self.age_s = queue, store, age_s
 
-    def start(self) -> threading.Thread:
-        t = threading.Thread(target=self.run, name="jobcell-retention", daemon=True)
-        t.start()
-        return t
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                done = prune(self.queue, self.store, self.age_s, dry_run=False)
-                if done.jobs:
-                    log.info("retention: deleted %d finished job(s) older than %.0f s, %d page(s), %d stored "
-                             "document(s)", done.jobs, self.age_s, done.pages, done.documents)
-            except Exception as e:  # the database or store is away: the next round tries again
-                log.warning("retention round failed (%s: %s); retrying in %.0f s", type(e).__name__, e,
-                            self.every_s)
-            self.stopping.wait(self.every_s)
-
-    def stop(self) -> None:
-        self.stopping.set()
+    def round(self) -> bool:
+        done = prune(self.queue, self.store, self.age_s, dry_run=False)
+        if done.jobs:
+            log.info("retention: deleted %d finished job(s) older than %.0f s, %d page(s), %d stored document(s)",
+                     done.jobs, self.age_s, done.pages, done.documents)
+        return False

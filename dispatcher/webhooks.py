@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib import error, request
 from urllib.parse import urlsplit
 
+from .background import Periodic
 from .database import Database, Row
 from .signing import EVENT_HEADER, SIGNATURE_HEADER, sign
 
@@ -45,30 +45,14 @@ def payload(row: Row) -> dict[str, Any]:
     }
 
 
-class WebhookDeliverer:
+class WebhookDeliverer(Periodic):
+    name = "webhooks"
+
     def __init__(self, db: Database, options: WebhookOptions) -> None:
+        super().__init__(options.every_s)
         self.db, self.options = db, options
         self.http = request.build_opener(_NoRedirects)  # a webhook answers where it is asked, or fails
-        self.stopping = threading.Event()
         self._unsigned_warned = False
-
-    def start(self) -> threading.Thread:
-        t = threading.Thread(target=self.run, name="jobcell-webhooks", daemon=True)
-        t.start()
-        return t
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                busy = self.round()
-            except Exception as e:  # the database is away: the next round tries again
-                log.warning("webhook round failed (%s: %s)", type(e).__name__, e)
-                busy = False
-            if not busy:
-                self.stopping.wait(self.options.every_s)
 
     def round(self, limit: int = 16) -> bool:
         """Deliver what is due; True if there may be more."""
