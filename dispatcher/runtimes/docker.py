@@ -29,15 +29,13 @@ from job_image.contract import ENV_SCRATCH
 
 from ..models import Exit, Handle, LaunchSpec
 from ..ports import CellInput
-from . import last_line, tail
+from .base import Hardening, Identity, LabelKeys, OpenDocument, RuntimeBase, last_line, no_documents, tail
 
 log = logging.getLogger("jobcell.docker")
 
-LABEL_JOB = "jobcell.job"
-LABEL_ATTEMPT = "jobcell.attempt"
-LABEL_POOL = "jobcell.pool"
-LABEL_TIER = "jobcell.tier"
-LABEL_QUEUE = "jobcell.queue"
+# jobcell.job, .attempt, .pool, .queue, .tier: what running containers are found by after a restart
+LABELS = LabelKeys.under("jobcell.")
+LABEL_JOB, LABEL_ATTEMPT, LABEL_POOL, LABEL_QUEUE, LABEL_TIER = LABELS
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ class DockerOptions:
     pool: str = "default"
     queue_id: str = ""  # the queue's identity; with the pool, it scopes which containers are ours
     network_mode: str = "none"  # a cell needs no network: its document comes in on stdin
-    user: str = "10001:10001"
+    user: str = "10001:10001"  # uid:gid
     pids_limit: int = 256
     tmpfs_size: str = "64m"
     scratch_size: str = "512m"  # tmpfs: counted against the memory cap as well, so it is doubly capped
@@ -56,38 +54,36 @@ class DockerOptions:
     input_timeout_s: float = 30.0  # per MiB of input streamed into a cell
 
 
-OpenDocument = Callable[[str], tuple[BinaryIO, int]]
-
-
-def _no_documents(uri: str) -> tuple[BinaryIO, int]:
-    raise LookupError(f"no document store is configured to open {uri}")
-
-
-class DockerRuntime:
+class DockerRuntime(RuntimeBase):
     name = "docker"
 
     def __init__(self, options: DockerOptions, client: docker.DockerClient | None = None,
-                 documents: OpenDocument = _no_documents) -> None:
+                 documents: OpenDocument = no_documents) -> None:
         self.options = options
+        self.identity = Identity(self.name, options.pool, options.queue_id, LABELS)
+        self.hardening = Hardening.of(options.user, options.tmpfs_size, options.scratch_size, options.pids_limit)
         self.client = client or docker.from_env(timeout=60)
         self.documents = documents  # the store, read on the trusted side and streamed into the cell
         self._peaks: dict[str, int] = {}  # container id -> highest memory usage sampled
         self._now: dict[str, int] = {}  # container id -> memory usage at the last sample
+        self._sampler: threading.Thread | None = None
+        self._sampler_lock = threading.Lock()
 
     # -- launch ---------------------------------------------------------------------------------------
 
     def container_config(self, spec: LaunchSpec) -> dict[str, Any]:
         """The sealed create() arguments (low-level API); public so tests and docs show what a cell gets."""
-        o = self.options
+        o, h = self.options, self.hardening
+        tmpfs = "rw,noexec,nosuid,nodev,size="
+        scratch = f"{tmpfs}{h.scratch_for(spec.memory_limit_bytes)},uid={h.uid},gid={h.gid},mode=0700"
         host: dict[str, Any] = dict(
             mem_limit=spec.memory_limit_bytes,
             memswap_limit=spec.memory_limit_bytes,  # equal: no swap, so the cap is a real cap
-            pids_limit=o.pids_limit,
-            read_only=True,
-            tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,size={o.tmpfs_size}",
-                   "/scratch": f"rw,noexec,nosuid,nodev,size={o.scratch_size},uid=10001,gid=10001,mode=0700"},
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges:true"],
+            pids_limit=h.pids_limit,
+            read_only=h.read_only_root,
+            tmpfs={"/tmp": f"{tmpfs}{h.tmpfs_bytes}", "/scratch": scratch},
+            cap_drop=list(h.drop_capabilities),
+            security_opt=[f"no-new-privileges:{str(h.no_new_privileges).lower()}"],
             network_mode=o.network_mode,
             init=True,  # tini as pid 1: the cell's zombies are reaped, signals reach the job
             log_config=LogConfig(type="json-file", config={"max-size": "64m", "max-file": "2"}),
@@ -97,10 +93,9 @@ class DockerRuntime:
         return dict(
             image=o.image,
             name=self.container_name(spec),
-            user=o.user,
+            user=f"{h.uid}:{h.gid}",
             environment={ENV_SCRATCH: "/scratch"},  # nothing of the dispatcher's: no secret, no URL
-            labels={LABEL_JOB: str(spec.job_id), LABEL_ATTEMPT: str(spec.attempt), LABEL_POOL: o.pool,
-                    LABEL_TIER: spec.tier, LABEL_QUEUE: o.queue_id},
+            labels=self.identity.labels(spec.job_id, spec.attempt, spec.tier),
             stdin_open=True,
             detach=False,  # with stdin_open, what makes the SDK set StdinOnce
             host_config=host,
@@ -134,7 +129,8 @@ class DockerRuntime:
             log.info("job %s attempt %s: container already exists, not launching again", spec.job_id, spec.attempt)
         if self.client.api.inspect_container(ref)["State"]["Status"] == "created":
             self._start_with_input(ref, cell, document)
-        return Handle(self.name, ref, spec.job_id, spec.attempt)
+        self._start_sampling()
+        return self.handle(ref, spec.job_id, spec.attempt)
 
     def _start_with_input(self, ref: str, cell: CellInput, document: BinaryIO | None) -> None:
         """Attach to stdin, start, stream the header and the document, then close: the cell's end of input."""
@@ -187,6 +183,14 @@ class DockerRuntime:
         return Exit(exit_code=int(state["ExitCode"]), oom_killed=oom, peak_memory_bytes=peak,
                     log_tail=tail(stderr), reason=last_line(stderr), ran_s=ran if ran and ran > 0 else None)
 
+    def _start_sampling(self) -> None:
+        """From the first unit launched or adopted on: peaks are measured whether or not anyone calls watch()."""
+        with self._sampler_lock:
+            if self._sampler is None:
+                self._sampler = threading.Thread(target=self._sample_forever, name="jobcell-docker-stats",
+                                                 daemon=True)
+                self._sampler.start()
+
     def _sample_forever(self) -> None:
         """Keep the highest memory usage seen per container: the fallback when a job cannot report its own
         peak (killed at its deadline, crashed hard). On its own thread: a stats call can take a second."""
@@ -233,21 +237,16 @@ class DockerRuntime:
         self._forget(handle.ref)
 
     def owned(self) -> Sequence[Handle]:
-        ours = [f"{LABEL_POOL}={self.options.pool}", f"{LABEL_QUEUE}={self.options.queue_id}"]
+        ours = [f"{k}={v}" for k, v in self.identity.selector().items()]
         # the low-level list: one call, no inspect per container that could race a removal
         found = self.client.api.containers(all=True, filters={"label": ours})
-        out = []
-        for c in found:
-            labels = c.get("Labels") or {}
-            try:
-                out.append(Handle(self.name, c["Id"], int(labels[LABEL_JOB]), int(labels[LABEL_ATTEMPT])))
-            except (KeyError, ValueError):
-                log.warning("container %s carries jobcell labels but no job/attempt; ignored", c.get("Names"))
+        out = self.identity.handles((c["Id"], str(c.get("Names")), c.get("Labels")) for c in found)
+        if out:
+            self._start_sampling()  # a restarted dispatcher's containers are sampled again from here
         return out
 
     def watch(self, wake: Callable[[], None]) -> None:
         threading.Thread(target=self._events, args=(wake,), name="jobcell-docker-events", daemon=True).start()
-        threading.Thread(target=self._sample_forever, name="jobcell-docker-stats", daemon=True).start()
 
     def _events(self, wake: Callable[[], None]) -> None:
         filters = {"type": "container", "event": "die", "label": f"{LABEL_POOL}={self.options.pool}"}

@@ -38,7 +38,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -49,26 +49,21 @@ from lightkube.types import CascadeType
 
 from job_image.contract import ENV_DOCUMENT_URL, ENV_HEADER, ENV_SCRATCH
 
+from ..errors import ConfigError
 from ..models import Exit, Handle, LaunchSpec
 from ..ports import CellInput
-from . import last_line, tail
+from .base import Hardening, Identity, LabelKeys, Presign, RuntimeBase, is_record_line, last_line, stderr_of
 
 log = logging.getLogger("jobcell.kubernetes")
 
-LABEL_JOB = "jobcell.io/job"
-LABEL_ATTEMPT = "jobcell.io/attempt"
-LABEL_POOL = "jobcell.io/pool"
-LABEL_QUEUE = "jobcell.io/queue"
-LABEL_TIER = "jobcell.io/tier"
+# jobcell.io/job, /attempt, /pool, /queue, /tier: what running Jobs are found by after a restart
+LABELS = LabelKeys.under("jobcell.io/")
 LABEL_CELL = "jobcell.io/cell"  # selected by k8s/networkpolicy.yaml: keep the two in step
 SECRET_KEY = "url"
 
 # Waiting reasons that no retry of the kubelet will clear: the attempt is lost, the next one starts afresh.
 _STUCK = frozenset({"CreateContainerConfigError", "InvalidImageName", "ErrImageNeverPull"})
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-_RECORD_PREFIX = '{"'  # a record is a JSON object; stderr shares the pod log (see the module docstring)
-
-Presign = Callable[[str, int], str]  # DocumentStore.presign: (uri, ttl_s) -> a GET URL for that one document
 
 
 @dataclass(frozen=True)
@@ -77,6 +72,7 @@ class KubernetesOptions:
     namespace: str = "jobcell"
     pool: str = "default"
     queue_id: str = ""
+    user: str = "10001:10001"  # uid:gid of the cells (JOBCELL_JOB_USER); not 0: pods run as non-root
     tmpfs_size: str = "64Mi"
     scratch_size: str | None = None  # None: the tier's memory limit, which it counts against anyway
     ttl_after_finished_s: int = 3600
@@ -104,25 +100,15 @@ def label_value(text: str) -> str:
     return f"{clean}-{_hash8(text)}" if clean else _hash8(text)
 
 
-def is_record_line(line: str) -> bool:
-    return line.startswith(_RECORD_PREFIX)
-
-
-def split_log(text: str) -> tuple[str, str]:
-    """A merged log as (its records, everything else): the rest holds progress and the reason, and only the rest
-    is ever copied into the attempt log (records carry page text, often medical)."""
-    records: list[str] = []
-    rest: list[str] = []
-    for line in text.splitlines():
-        (records if is_record_line(line) else rest).append(line)
-    return "\n".join(records), "\n".join(rest)
-
-
-class KubernetesRuntime:
+class KubernetesRuntime(RuntimeBase):
     name = "kubernetes"
 
     def __init__(self, options: KubernetesOptions, presign: Presign, client: Client | None = None) -> None:
         self.options = options
+        self.identity = Identity(self.name, options.pool, options.queue_id, LABELS, value=label_value)
+        self.hardening = Hardening.of(options.user, options.tmpfs_size, options.scratch_size)
+        if self.hardening.uid == 0:
+            raise ConfigError("JOBCELL_JOB_USER: Kubernetes runs cells as non-root (runAsNonRoot); not uid 0")
         self.presign = presign
         self.client = client or Client(namespace=options.namespace, field_manager="jobcell")
 
@@ -138,19 +124,14 @@ class KubernetesRuntime:
     def secret_name(job_name: str) -> str:
         return f"{job_name}-doc"
 
-    def _labels(self, job_id: int, attempt: int, tier: str) -> dict[str, str]:
-        o = self.options
-        return {LABEL_JOB: str(job_id), LABEL_ATTEMPT: str(attempt), LABEL_POOL: label_value(o.pool),
-                LABEL_QUEUE: label_value(o.queue_id), LABEL_TIER: label_value(tier)}
-
     # -- manifests ------------------------------------------------------------------------------------
 
     def manifest(self, spec: LaunchSpec, cell: CellInput) -> dict[str, Any]:
         """The Job for one attempt; public so that tests validate it against the Kubernetes schemas.
         It holds no secret: the document URL is only ever a reference to the attempt's Secret."""
-        o = self.options
+        o, h = self.options, self.hardening
         name = self.job_name(spec.job_id, spec.attempt)
-        labels = self._labels(spec.job_id, spec.attempt, spec.tier)
+        labels = self.identity.labels(spec.job_id, spec.attempt, spec.tier)
         memory = str(spec.memory_limit_bytes)
         env: list[dict[str, Any]] = [
             {"name": ENV_HEADER, "value": cell.header.model_dump_json()},
@@ -166,23 +147,25 @@ class KubernetesRuntime:
             "env": env,
             "resources": {"requests": {"memory": memory}, "limits": {"memory": memory}},
             "securityContext": {
-                "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
-                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "privileged": False,
-                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+                "runAsNonRoot": True, "runAsUser": h.uid, "runAsGroup": h.gid,
+                "allowPrivilegeEscalation": not h.no_new_privileges, "readOnlyRootFilesystem": h.read_only_root,
+                "privileged": False, "capabilities": {"drop": list(h.drop_capabilities)},
+                "seccompProfile": {"type": "RuntimeDefault"},
             },
             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "scratch", "mountPath": "/scratch"}],
         }
         volumes: list[dict[str, Any]] = [
             # Memory-backed: pages written here count against the container's memory limit, so a cell cannot
             # fill a node's disk; sizeLimit evicts the pod before the tmpfs reaches it.
-            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": o.tmpfs_size}},
-            {"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": o.scratch_size or memory}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(h.tmpfs_bytes)}},
+            {"name": "scratch", "emptyDir": {"medium": "Memory",
+                                             "sizeLimit": str(h.scratch_for(spec.memory_limit_bytes))}},
         ]
         pod_spec: dict[str, Any] = {
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,  # the cell never talks to the API
             "enableServiceLinks": False,  # no environment variables naming the namespace's services
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": h.uid, "runAsGroup": h.gid, "fsGroup": h.gid,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [container],
             "volumes": volumes,
@@ -207,7 +190,7 @@ class KubernetesRuntime:
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {"name": name, "namespace": self.options.namespace,
-                         "labels": self._labels(spec.job_id, spec.attempt, spec.tier)},
+                         "labels": self.identity.labels(spec.job_id, spec.attempt, spec.tier)},
             "type": "Opaque",
             "immutable": True,  # the kubelet need not watch it; a relaunch replaces it whole
             "stringData": {SECRET_KEY: url},
@@ -217,7 +200,7 @@ class KubernetesRuntime:
 
     def launch(self, spec: LaunchSpec, cell: CellInput) -> Handle:
         name = self.job_name(spec.job_id, spec.attempt)
-        handle = Handle(self.name, name, spec.job_id, spec.attempt)
+        handle = self.handle(name, spec.job_id, spec.attempt)
         if self._job(handle) is not None:  # launched before: its pod may still need the Secret as it is
             log.info("job %s attempt %s: Job %s already exists, not launching again", spec.job_id, spec.attempt, name)
             return handle
@@ -324,25 +307,12 @@ class KubernetesRuntime:
     def cleanup(self, handle: Handle) -> None:
         self._delete(handle, grace_period=None)
 
-    def memory_now(self, handle: Handle) -> int | None:
-        """Not measured: the API reports no live memory without a metrics server."""
-        return None
-
     def owned(self) -> Sequence[Handle]:
-        o = self.options
-        labels: dict[str, Any] = {LABEL_POOL: label_value(o.pool), LABEL_QUEUE: label_value(o.queue_id)}
-        out = []
-        for job in self.client.list(Job, namespace=o.namespace, labels=labels):
-            meta = job.metadata
-            try:
-                assert meta is not None and meta.name is not None and meta.labels is not None
-                out.append(Handle(self.name, meta.name, int(meta.labels[LABEL_JOB]), int(meta.labels[LABEL_ATTEMPT])))
-            except (AssertionError, KeyError, ValueError):
-                log.warning("Job %s carries jobcell labels but no job/attempt; ignored", meta and meta.name)
-        return out
-
-    def watch(self, wake: Callable[[], None]) -> None:
-        """Polled: the loop's poll interval bounds how late an exit is noticed."""
+        """The Jobs of this pool and queue, by their labels. (memory_now, watch: the base's. No metrics server is
+        assumed, so no live memory; exits are polled.)"""
+        selector: dict[str, Any] = self.identity.selector()
+        jobs = [job.metadata for job in self.client.list(Job, namespace=self.options.namespace, labels=selector)]
+        return self.identity.handles((m.name, m.name, m.labels) for m in jobs if m is not None and m.name)
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -369,8 +339,7 @@ class KubernetesRuntime:
                                            tail_lines=200))
         except ApiError:
             return "", ""
-        _records, rest = split_log(text)
-        return tail(rest), last_line(rest)
+        return stderr_of(text.splitlines())
 
     def _delete(self, handle: Handle, grace_period: int | None) -> None:
         try:

@@ -40,13 +40,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 from job_image.contract import ENV_SCRATCH, EXIT_BAD_INPUT, EXIT_OK, EXIT_SIGKILL, Peak, decode
 
 from ..models import MIB, Exit, Handle, LaunchSpec
 from ..ports import CellInput
-from . import last_line, tail
+from .base import OpenDocument, RuntimeBase, last_line, no_documents, tail
 
 log = logging.getLogger("jobcell.process")
 
@@ -73,13 +73,6 @@ class ProcessOptions:
     # space). At 1.0x, 8 MiB of reserved stack per thread makes small threaded jobs fail (bench/process_cap.py).
     backstop: Literal["data", "as", "none"] = "data"
     backstop_ratio: float = 1.25
-
-
-OpenDocument = Callable[[str], tuple[BinaryIO, int]]
-
-
-def _no_documents(uri: str) -> tuple[BinaryIO, int]:
-    raise LookupError(f"no document store is configured to open {uri}")
 
 
 class Cgroups:
@@ -143,10 +136,10 @@ class Cgroups:
                 time.sleep(0.05)
 
 
-class ProcessRuntime:
+class ProcessRuntime(RuntimeBase):
     name = "process"
 
-    def __init__(self, options: ProcessOptions, documents: OpenDocument = _no_documents) -> None:
+    def __init__(self, options: ProcessOptions, documents: OpenDocument = no_documents) -> None:
         self.options = options
         self.documents = documents
         self.sealed = os.geteuid() == 0 and all(shutil.which(t) for t in ("setpriv", "unshare", "prlimit"))
@@ -176,7 +169,7 @@ class ProcessRuntime:
 
     def launch(self, spec: LaunchSpec, cell: CellInput) -> Handle:
         unit = self._dir(spec.job_id, spec.attempt)
-        handle = Handle(self.name, str(unit), spec.job_id, spec.attempt)
+        handle = self.handle(str(unit), spec.job_id, spec.attempt)
         try:
             unit.mkdir(parents=True, mode=0o711)  # traversable, not listable: the job only reaches scratch/
         except FileExistsError:
@@ -310,8 +303,8 @@ class ProcessRuntime:
             code = EXIT_SIGKILL  # we killed the wrapper too
         stderr = _read(unit / "stderr")  # stdout is the result channel: never copied into logs
         limit = _read_int(unit / "limit")
-        if watchdog_oom is not None:
-            return Exit(exit_code=code, oom_killed=True, peak_memory_bytes=limit, log_tail=tail(stderr),
+        if watchdog_oom is not None:  # its peak is what it held when killed (the loop records the limit)
+            return Exit(exit_code=code, oom_killed=True, peak_memory_bytes=watchdog_oom, log_tail=tail(stderr),
                         reason=f"out of memory: its processes held {watchdog_oom // MIB} MiB, past its "
                                f"{(limit or 0) // MIB} MiB limit (killed by the process runtime's watchdog)",
                         ran_s=_ran_s(unit))
@@ -328,8 +321,9 @@ class ProcessRuntime:
         if (_read(unit / "cap") == "watchdog" and code not in (EXIT_OK, EXIT_BAD_INPUT) and peak and limit
                 and peak > limit and not (unit / "killed").exists()):
             # Past its limit between two samples (RLIMIT_DATA refused it an allocation), then failed however its
-            # process put it (MemoryError, tesseract's abort, a segfault): the runtime's own measure says oom.
-            oom, peak = True, limit
+            # process put it (MemoryError, tesseract's abort, a segfault): the runtime's own measure says oom
+            # (and the loop records its peak as the limit, as for every oom).
+            oom = True
         return Exit(exit_code=code, oom_killed=oom, peak_memory_bytes=peak, log_tail=tail(stderr),
                     reason=last_line(stderr), ran_s=_ran_s(unit))
 
@@ -370,7 +364,7 @@ class ProcessRuntime:
         for unit in sorted(self.units.glob("*-*")) if self.units.is_dir() else []:
             job, _, attempt = unit.name.partition("-")
             if job.isdigit() and attempt.isdigit():
-                out.append(Handle(self.name, str(unit), int(job), int(attempt)))
+                out.append(self.handle(str(unit), int(job), int(attempt)))
         if out and self.watchdog is not None:
             self.watchdog.start()  # a restarted dispatcher's units are watched again from here
         return out

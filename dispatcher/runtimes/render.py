@@ -45,7 +45,7 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -57,7 +57,7 @@ from job_image.contract import ENV_DOCUMENT_URL, ENV_HEADER
 from ..errors import ConfigError, JobcellError
 from ..models import MIB, Exit, Handle, LaunchSpec
 from ..ports import CellInput
-from . import last_line, tail
+from .base import Presign, RuntimeBase, is_record_line, stderr_of
 
 log = logging.getLogger("jobcell.render")
 
@@ -75,13 +75,10 @@ PLANS: tuple[tuple[str, int], ...] = (
 ENV_POOL = "JOBCELL_POOL"  # tags in the start command: how owned() finds this queue's jobs again
 ENV_QUEUE = "JOBCELL_QUEUE"
 _FINAL = frozenset({"succeeded", "failed", "canceled"})
-_RECORD_PREFIX = '{"'
 # Variable names and values a cell's base service must not carry: it would hand them to every cell.
 _SECRET_NAME = re.compile(r"DATABASE|PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_?KEY|ACCESS_KEY|PRIVATE|_DSN$|"
                           r"^AWS_|^OPENAI_|^RENDER_API", re.I)
 _SECRET_VALUE = re.compile(r"^rnd_|^sk-|://[^/\s:@]+:[^/\s@]+@")  # a Render key, an OpenAI key, a URL with a password
-
-Presign = Callable[[str, int], str]  # DocumentStore.presign: (uri, ttl_s) -> a GET URL for that one document
 
 
 class RenderError(JobcellError):
@@ -116,10 +113,6 @@ def plan_for(limit_bytes: int) -> str:
     raise ValueError(f"no Render plan has {limit_bytes // MIB} MiB: set JOBCELL_RENDER_PLANS for this tier")
 
 
-def is_record_line(line: str) -> bool:
-    return line.startswith(_RECORD_PREFIX)
-
-
 def command_env(start_command: str) -> dict[str, str]:
     """The VAR=value words of a start command (as `env` takes them), unquoted."""
     try:
@@ -129,7 +122,7 @@ def command_env(start_command: str) -> dict[str, str]:
     return dict(w.split("=", 1) for w in words if "=" in w and re.match(r"^[A-Z_][A-Z0-9_]*=", w))
 
 
-class RenderRuntime:
+class RenderRuntime(RuntimeBase):
     name = "render"
 
     def __init__(self, options: RenderOptions, presign: Presign, session: requests.Session | None = None) -> None:
@@ -212,7 +205,7 @@ class RenderRuntime:
         url = (self.presign(cell.document_uri, self.options.document_url_ttl_s)
                if cell.header.document_bytes > 0 else None)
         job = self._call("POST", "/jobs", json={"startCommand": self.start_command(cell, url), "planId": plan})
-        return Handle(self.name, str(job["id"]), spec.job_id, spec.attempt)
+        return self.handle(str(job["id"]), spec.job_id, spec.attempt)
 
     def output(self, handle: Handle) -> Iterator[bytes]:
         """The job's record lines from Render's logs, oldest first, until it has ended and its logs settled."""
@@ -310,9 +303,7 @@ class RenderRuntime:
         except RenderError as e:
             log.info("logs of Render job %s unavailable: %s", handle.ref, e)
             return "", ""
-        lines = [str(e.get("message", "")) for e in reversed(entries)]
-        rest = "\n".join(ln for ln in lines if not is_record_line(ln))
-        return tail(rest), last_line(rest)
+        return stderr_of(str(e.get("message", "")) for e in reversed(entries))
 
     def kill(self, handle: Handle) -> None:
         try:
@@ -322,10 +313,6 @@ class RenderRuntime:
 
     def cleanup(self, handle: Handle) -> None:
         """Render keeps a job's record and logs; there is nothing of ours to remove (its URL expires)."""
-
-    def memory_now(self, handle: Handle) -> int | None:
-        """Not measured: the API reports no live memory without a metrics server."""
-        return None
 
     def owned(self) -> Sequence[Handle]:
         out = []
@@ -338,13 +325,10 @@ class RenderRuntime:
                 continue
             try:
                 header = json.loads(env[ENV_HEADER])
-                out.append(Handle(self.name, str(job["id"]), int(header["job_id"]), int(header["attempt"])))
+                out.append(self.handle(str(job["id"]), int(header["job_id"]), int(header["attempt"])))
             except (KeyError, ValueError, TypeError):
                 continue
         return out
-
-    def watch(self, wake: Callable[[], None]) -> None:
-        """Polled: the loop's poll interval bounds how late an exit is noticed."""
 
 
 def _parse(stamp: Any) -> datetime:
