@@ -47,7 +47,7 @@ def build_runtime(s: Settings, queue_id: str, store: DocumentStore,
 
         return KubernetesRuntime(KubernetesOptions(
             image=s.job_image, namespace=s.k8s_namespace, pool=s.pool, queue_id=queue_id,
-            service_account=s.k8s_service_account,
+            service_account=s.k8s_service_account, user=s.job_user,
             tmpfs_size=s.tmpfs_size.replace("m", "Mi") if s.tmpfs_size.endswith("m") else s.tmpfs_size),
             presign=store.presign)
     if name == "render":
