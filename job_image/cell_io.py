@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
@@ -64,6 +62,11 @@ def receive_document(header: Header, stdin: BinaryIO, scratch: Path) -> Path:
 
 
 def _open_url(url: str) -> BinaryIO:
+    # Only cells fed by a presigned URL (Kubernetes, Render) need urllib.request (http.client, email, ...):
+    # imported here, not by every cell (issue 12)
+    import urllib.error
+    import urllib.request
+
     try:
         return urllib.request.urlopen(url, timeout=60)  # type: ignore[no-any-return]
     except urllib.error.HTTPError as e:  # an expired presigned URL is 403: the next attempt gets a fresh one

@@ -76,6 +76,9 @@ class Header(_Strict):
     document_name: str = ""  # a display name with the submitted suffix; the content decides the type
     document_bytes: int = Field(default=0, ge=0)
     options: JobOptions = Field(default_factory=lambda: JobOptions())
+    # Where the cell reads its peak: its own cgroup (a container's /sys/fs/cgroup), or its processes' high-water
+    # marks (a process of the host, whose /sys/fs/cgroup counts the whole machine)
+    peak_from: Literal["cgroup", "process"] = "cgroup"
 
 
 # -- what a cell emits --------------------------------------------------------------------------------------
@@ -124,7 +127,8 @@ class PageResult(_Record):
 
 
 class Peak(_Record):
-    """The cell's own cgroup peak, as it exits (a fallback: runtimes measure it themselves where they can)."""
+    """The cell's peak as it exits (Header.peak_from says how it was read); runtimes also measure it themselves
+    where they can, and the larger of the two is kept, never past the attempt's limit."""
 
     type: Literal["peak"] = "peak"
     bytes: int = Field(ge=0)

@@ -157,7 +157,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
 
 
-@pytest.fixture(params=["docker", "process", "kubernetes", "render", "memory"])
+@pytest.fixture(params=["docker", "process", "process-watchdog", "kubernetes", "render", "memory"])
 def any_runtime(request: pytest.FixtureRequest, pool: str, queue: PostgresQueue, tmp_path: Path) -> Iterator[Runtime]:
     """Every runtime; the behaviour suite runs once per runtime. Docker and process run for real; Kubernetes and
     Render against local API servers answering with documented payloads (tests/fake_kubernetes.py, fake_render.py);
@@ -171,6 +171,9 @@ def any_runtime(request: pytest.FixtureRequest, pool: str, queue: PostgresQueue,
         rt = MemoryRuntime(pool=pool)
     elif request.param == "process":
         rt = ProcessRuntime(ProcessOptions(state_root=str(tmp_path / "units"), pool=pool, queue_id=queue.queue_id()))
+    elif request.param == "process-watchdog":  # as on a Render worker: no cgroup can be written
+        rt = ProcessRuntime(ProcessOptions(state_root=str(tmp_path / "units"), pool=pool, queue_id=queue.queue_id(),
+                                           cap="watchdog"))
     elif request.param == "render":
         from dispatcher.runtimes.render import RenderOptions, RenderRuntime
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from job_image.contract import ENV_SCRATCH, EXIT_BAD_INPUT, EXIT_OK, EXIT_SIGKILL, Peak, decode
+from job_image.contract import ENV_SCRATCH, EXIT_BAD_INPUT, EXIT_NO_MEMORY, EXIT_OK, EXIT_SIGKILL
 
 from ..models import MIB, Exit, Handle, LaunchSpec
 from ..ports import CellInput
@@ -218,8 +218,10 @@ class ProcessRuntime(RuntimeBase):
     def _write_input(self, path: Path, cell: CellInput) -> None:
         """Header and document in one file, readable by the wrapper (us) only: the job gets it as stdin."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # the cell's /sys/fs/cgroup is the host's: it reports its own processes' high-water marks instead
+        header = cell.header.model_copy(update={"peak_from": "process"})
         with os.fdopen(fd, "wb") as f:
-            f.write(cell.header_line())
+            f.write(header.model_dump_json().encode() + b"\n")
             if cell.header.document_bytes:
                 document, _size = self.documents(cell.document_uri)
                 with document:
@@ -245,27 +247,20 @@ class ProcessRuntime(RuntimeBase):
             return uid
 
     def output(self, handle: Handle) -> Iterator[bytes]:
-        """The unit's stdout file from its start, followed until the unit has ended and all of it is read.
-
-        Without the cell's `peak` record: the cell reads it from /sys/fs/cgroup, which a subprocess of this host
-        sees from the host's side (the enclosing cgroup's counter, the whole machine); poll() gives the unit's
-        own. Dropping whole lines by their content keeps a second read of the stream byte for byte the same."""
+        """The unit's stdout file from its start, followed until the unit has ended and all of it is read."""
         unit = Path(handle.ref)
         try:
             f = (unit / "stdout").open("rb")
         except FileNotFoundError:
             return
-        records = _DropPeaks()
         with f:
             while True:
                 chunk = f.read(256 * 1024)
                 if chunk:
-                    if kept := records.feed(chunk):
-                        yield kept
+                    yield chunk
                     continue
                 if not unit.is_dir() or not self._running(handle):
-                    rest = records.feed(f.read()) + records.end()
-                    if rest:
+                    if rest := f.read():
                         yield rest
                     return
                 time.sleep(0.05)
@@ -318,11 +313,12 @@ class ProcessRuntime(RuntimeBase):
         # No cgroup: the watchdog's sample of the unit's own tree (the enclosing cgroup's counter, which is all
         # the cell could read, would be the whole host's). A SIGKILL with no marker is nobody's OOM: lost.
         peak = Cgroups.peak(cgroup) if cgroup is not None else _own_peak(unit)
-        if (_read(unit / "cap") == "watchdog" and code not in (EXIT_OK, EXIT_BAD_INPUT) and peak and limit
-                and peak > limit and not (unit / "killed").exists()):
-            # Past its limit between two samples (RLIMIT_DATA refused it an allocation), then failed however its
-            # process put it (MemoryError, tesseract's abort, a segfault): the runtime's own measure says oom
-            # (and the loop records its peak as the limit, as for every oom).
+        watchdog = _read(unit / "cap") == "watchdog" and not (unit / "killed").exists()
+        if watchdog and (code == EXIT_NO_MEMORY or (code not in (EXIT_OK, EXIT_BAD_INPUT) and peak and limit
+                                                    and peak > limit)):
+            # RLIMIT_DATA, this runtime's own backstop, refused an allocation between two samples: the cell ran
+            # out of memory (its exit 86), or was seen past its limit and then failed however its process put it
+            # (tesseract's abort, a segfault). Either way its cap stopped it: oom (the loop records the limit).
             oom = True
         return Exit(exit_code=code, oom_killed=oom, peak_memory_bytes=peak, log_tail=tail(stderr),
                     reason=last_line(stderr), ran_s=_ran_s(unit))
@@ -587,49 +583,6 @@ def tree_memory(pids: set[int]) -> TreeMemory:
         if own >= top_private:
             top_private, top_file = own, kib.get(b"RssFile", 0)
     return TreeMemory(private, rss, top_file)
-
-
-class _DropPeaks:
-    """Takes the cell's `peak` records out of its output; every other byte passes at once and unchanged."""
-
-    LONGEST = 512  # a peak record is ~70 bytes: a longer line is another record, passed on as it comes
-
-    def __init__(self) -> None:
-        self.head = bytearray()  # the start of the current line, while it may still be a peak record
-        self.passing = False  # in a line known not to be one
-
-    def feed(self, chunk: bytes) -> bytes:
-        out = bytearray()
-        while chunk:
-            line, newline, chunk = chunk.partition(b"\n")
-            if self.passing:
-                out += line + newline
-                self.passing = not newline
-                continue
-            self.head += line
-            if newline:
-                if not _is_peak(bytes(self.head)):
-                    out += self.head + newline
-                self.head.clear()
-            elif len(self.head) > self.LONGEST:
-                out += self.head
-                self.head.clear()
-                self.passing = True
-        return bytes(out)
-
-    def end(self) -> bytes:
-        rest = bytes(self.head)  # an unterminated last line: passed on, for the reader to refuse
-        self.head.clear()
-        return rest
-
-
-def _is_peak(line: bytes) -> bool:
-    if b'"peak"' not in line:
-        return False
-    try:
-        return isinstance(decode(line), Peak)
-    except ValueError:
-        return False
 
 
 def _write_atomic(path: Path, text: str) -> None:
