@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import docker
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from .classes import check_budget, parse_bytes
@@ -19,11 +19,12 @@ from .ports import DocumentStore, Runtime
 from .queue import PostgresQueue
 from .retention import RetentionWorker
 from .routing import RoutedRuntime, routed_budgets
-from .runtimes.docker import DockerOptions, DockerRuntime
-from .runtimes.process import ProcessOptions, ProcessRuntime
 from .settings import Settings
 from .store import LocalStore, S3Store
 from .webhooks import WebhookDeliverer, WebhookOptions
+
+if TYPE_CHECKING:  # the Docker SDK and the runtimes load only where a dispatcher starts: CLI reads stay quick
+    import docker
 
 log = logging.getLogger("jobcell.wiring")
 
@@ -58,9 +59,13 @@ def build_runtime(s: Settings, queue_id: str, store: DocumentStore,
                                            pool=s.pool, queue_id=queue_id, plans=s.render_plans),
                              presign=store.presign)
     if name == "process":
+        from .runtimes.process import ProcessOptions, ProcessRuntime
+
         return ProcessRuntime(ProcessOptions(state_root=s.process_state_dir, pool=s.pool, queue_id=queue_id,
                                              cgroup_root=s.cgroup_root, cap=s.process_cap,
                                              scratch_bytes=parse_bytes(s.scratch_size)), documents=store.open)
+    from .runtimes.docker import DockerOptions, DockerRuntime
+
     options = DockerOptions(image=s.job_image, pool=s.pool, queue_id=queue_id, network_mode=s.network,
                             user=s.job_user, pids_limit=s.pids_limit, tmpfs_size=s.tmpfs_size,
                             scratch_size=s.scratch_size, cpus=s.job_cpus)
@@ -92,6 +97,8 @@ def build_manifests(s: Settings, queue: PostgresQueue) -> ManifestWorker | None:
 
 def _engine(s: Settings) -> docker.DockerClient:
     """A client for a reachable engine; waits it out (logged, with backoff) rather than failing the start."""
+    import docker
+
     for attempt in Retrying(retry=retry_if_exception_type(docker.errors.DockerException),
                             wait=wait_exponential_jitter(multiplier=0.5, max=30), before_sleep=_log_engine_retry,
                             reraise=True):
@@ -127,6 +134,8 @@ def build_dispatcher(s: Settings, migrate: bool = False, observer: PrometheusObs
     table = s.table()
     client = None
     if "docker" in s.runtimes():
+        import docker
+
         client = _engine(s)
         try:
             client.images.get(s.job_image)
