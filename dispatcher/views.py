@@ -88,6 +88,8 @@ class DispatcherSeen:
 
 @dataclass(frozen=True)
 class StateCount:
+    """How many jobs are in one state and class: a cell of `jobcell status`'s grid."""
+
     state: str
     size_class: str
     n: int
