@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -157,3 +158,38 @@ def test_without_a_cgroup_a_restarted_dispatcher_reads_the_units_own_peak_from_d
     other.cleanup(h)
     rt.cleanup(h)
     assert other.owned() == []
+
+
+def test_two_dispatchers_on_one_host_never_share_a_uid(tmp_path: Path):
+    # A unit's stragglers are killed by its uid at cleanup; a second dispatcher (another pool or queue, its own
+    # state dir) must not have been given that uid meanwhile, or the first one's cleanup kills its job.
+    import time
+
+    from dispatcher.models import LaunchSpec
+    from dispatcher.ports import CellInput
+    from job_image.contract import Header
+
+    first = ProcessRuntime(ProcessOptions(state_root=str(tmp_path / "a"), pool="a", queue_id="qa"))
+    second = ProcessRuntime(ProcessOptions(state_root=str(tmp_path / "b"), pool="b", queue_id="qb"))
+    if not first.sealed:
+        pytest.skip("units get uids of their own only as root, with setpriv, unshare and prlimit")
+
+    def launch(rt: ProcessRuntime, job: int, **params: float) -> Any:
+        header = Header(job_id=job, attempt=1, tier="small", memory_limit_bytes=64 * MIB, workload="diag",
+                        params=params)
+        return rt.launch(LaunchSpec(job, 1, "small", 64 * MIB, 60, "diag:", "diag", params),
+                         CellInput(header, "diag:"))
+
+    def ended(rt: ProcessRuntime, h: Any) -> Any:
+        deadline = time.monotonic() + 20
+        while (e := rt.poll(h)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return e
+
+    done = launch(first, 1)
+    assert ended(first, done).exit_code == 0  # ended, not yet cleaned up: its uid is still its own
+    running = launch(second, 2, sleep_s=2)
+    assert (Path(done.ref) / "uid").read_text() != (Path(running.ref) / "uid").read_text()
+    first.cleanup(done)  # kills whatever still runs as the first unit's uid
+    assert ended(second, running).exit_code == 0
+    second.cleanup(running)

@@ -90,32 +90,46 @@ def attempts(q: PostgresQueue, job_id: int) -> list[tuple[str, str, str]]:
     return [(a.tier, a.outcome, a.runtime) for a in q.attempts(job_id)]
 
 
-def test_without_cgroups_real_documents_oom_and_escalate_with_the_peak_a_cgroup_would_report(worker):
+def test_without_cgroups_real_documents_oom_and_escalate_and_bad_input_fails_once(worker):
     table = load_table(WORKER_CLASSES)
     docs = ["ocrmypdf-enormous.pdf", "tesseract-phototest.tif", "pdf2image-test_corrupted.pdf"]
-    peaks: dict[str, dict[str, list[int]]] = {}
-    for cap in ("watchdog", "auto"):  # auto: this host's cgroup, the reference for the peak
+    pool = f"w-watchdog-{uuid.uuid4().hex[:6]}"
+    probe = worker.queue(table)
+    q = worker.start(table, worker.processes(probe, pool, "watchdog"), pool, budget_mib=1024)
+    ids = {name: worker.submit(q, name) for name in docs}
+    jobs = {j.id: j for j in wait_final(q, list(ids.values()), timeout=300)}
+    enormous, photo, corrupt = (ids[n] for n in docs)
+    assert jobs[enormous].state is JobState.SUCCEEDED and jobs[photo].state is JobState.SUCCEEDED
+    assert attempts(q, enormous) == [("small", "oom", "process"), ("medium", "succeeded", "process")]
+    first, second = q.attempts(enormous)
+    assert first.oom_killed is True and first.peak_memory_bytes == 192 * MIB  # killed at its limit
+    assert second.peak_memory_bytes is not None and 192 * MIB < second.peak_memory_bytes <= 512 * MIB
+    assert len(q.pages(enormous)) == 1 and "quick brown" in " ".join(p.text for p in q.pages(photo)).lower()
+    # bad input: one attempt, a reason a person can read, never retried
+    assert attempts(q, corrupt) == [("small", "bad_input", "process")]
+    assert jobs[corrupt].state is JobState.FAILED and "the PDF is corrupt" in (jobs[corrupt].reason or "")
+
+
+def test_without_cgroups_the_peak_is_within_ten_percent_of_what_a_cgroup_reports(worker):
+    # The same jobs under the watchdog and under this host's memory cgroup (the reference). Diagnostic jobs,
+    # which write no file: a cgroup also counts the page cache of files a cell writes (reclaimable, and
+    # dependent on writeback), which no process-tree measure can see.
+    table = load_table(WORKER_CLASSES)
+    sizes = (40, 100, 150)
+    peaks: dict[str, list[int]] = {}
+    for cap in ("watchdog", "auto"):
         pool = f"w-{cap}-{uuid.uuid4().hex[:6]}"
         probe = worker.queue(table)
         rt = worker.processes(probe, pool, cap)
         if cap == "auto" and rt.cgroups.root is None:
             pytest.skip("no writable cgroup here to compare the watchdog's peak with")
         q = worker.start(table, rt, pool, budget_mib=1024)
-        ids = {name: worker.submit(q, name) for name in docs}
-        jobs = {j.id: j for j in wait_final(q, list(ids.values()), timeout=300)}
-        enormous, photo, corrupt = (ids[n] for n in docs)
-        assert jobs[enormous].state is JobState.SUCCEEDED and jobs[photo].state is JobState.SUCCEEDED
-        assert attempts(q, enormous) == [("small", "oom", "process"), ("medium", "succeeded", "process")], cap
-        assert q.attempts(enormous)[0].oom_killed is True
-        assert len(q.pages(enormous)) == 1 and "enormous" not in (jobs[enormous].reason or "")
-        # bad input: one attempt, a reason a person can read, never retried
-        assert attempts(q, corrupt) == [("small", "bad_input", "process")]
-        assert jobs[corrupt].state is JobState.FAILED and "the PDF is corrupt" in (jobs[corrupt].reason or "")
-        peaks[cap] = {n: [a.peak_memory_bytes for a in q.attempts(i)] for n, i in ids.items()}
-    for name in ("ocrmypdf-enormous.pdf", "tesseract-phototest.tif"):
-        watched, cgroup = peaks["watchdog"][name][-1], peaks["auto"][name][-1]
-        assert abs(watched - cgroup) <= 0.10 * cgroup, (name, watched / MIB, cgroup / MIB)
-    assert peaks["watchdog"]["ocrmypdf-enormous.pdf"][0] >= 192 * MIB  # killed at its limit
+        ids = [q.submit(NewJob("diag:", 0, f"diag:{uuid.uuid4()}", "small", workload="diag",
+                               params={"alloc_mib": mib, "sleep_s": 0.5}))[0] for mib in sizes]
+        assert all(j.state is JobState.SUCCEEDED for j in wait_final(q, ids, timeout=120))
+        peaks[cap] = [q.attempts(i)[0].peak_memory_bytes or 0 for i in ids]
+    for mib, watched, cgroup in zip(sizes, peaks["watchdog"], peaks["auto"], strict=True):
+        assert mib * MIB < watched and abs(watched - cgroup) <= 0.10 * cgroup, (mib, watched / MIB, cgroup / MIB)
 
 
 def test_the_seeds_case_small_documents_on_the_worker_a_large_one_on_a_render_plan(worker, db_url):

@@ -64,6 +64,9 @@ class ProcessOptions:
     cap: Cap = "auto"  # auto: a cgroup where the host allows one, else the watchdog; rlimit: RLIMIT_AS alone
     scratch_bytes: int = 512 * 1024 * 1024  # RLIMIT_FSIZE: no file the job writes grows past this
     first_uid: int = 200_000  # as root: each running unit gets the first free uid from here
+    # Where every process runtime on this host claims its units' uids (one file per uid, naming its unit): two
+    # dispatchers on one host must never hand out the same uid, since stragglers are killed by uid
+    uid_claims: str = "/run/jobcell-uids"
     scratch_root: str = tempfile.gettempdir()  # each unit's scratch dir goes here, 0700 and owned by its uid
     pids_limit: int = 256  # as root: RLIMIT_NPROC of the unit's own uid
     watchdog_s: float = 0.05  # no cgroup: how often each unit's process tree is sampled
@@ -239,12 +242,19 @@ class ProcessRuntime(RuntimeBase):
         return ["unshare", "--net", "--", *nproc, *drop, *command]  # a network namespace of its own: no way out
 
     def _free_uid(self, unit: Path) -> int:
+        """A uid no other unit on this host holds, claimed by creating its file (O_EXCL) under uid_claims. A
+        claim outlives its unit only if a dispatcher died between the two; one whose unit is gone and whose uid
+        runs nothing is taken over."""
+        claims = Path(self.options.uid_claims)
+        claims.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._uids:
-            taken: set[int | None] = {_read_int(u / "uid") for u in self.units.glob("*-*")}
-            taken |= {uid for _, _, uid in proc_table(with_uid=True).values()}  # a straggler of an earlier unit
-            uid = next(n for n in range(self.options.first_uid, self.options.first_uid + 65536) if n not in taken)
-            (unit / "uid").write_text(str(uid))
-            return uid
+            running = {uid for _, _, uid in proc_table(with_uid=True).values()}  # a straggler of an earlier unit
+            for uid in range(self.options.first_uid, self.options.first_uid + 65536):
+                if uid in running or not _claim(claims / str(uid), unit):
+                    continue
+                (unit / "uid").write_text(str(uid))
+                return uid
+        raise RuntimeError(f"no free uid from {self.options.first_uid}: {claims} holds 65536 claims")
 
     def output(self, handle: Handle) -> Iterator[bytes]:
         """The unit's stdout file from its start, followed until the unit has ended and all of it is read."""
@@ -344,7 +354,10 @@ class ProcessRuntime(RuntimeBase):
         scratch = _read(unit / "scratch").strip()
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+        uid = _read_int(unit / "uid")
         shutil.rmtree(unit, ignore_errors=True)
+        if uid is not None:  # only now, when nothing of the unit is left, may another unit have its uid
+            _release(Path(self.options.uid_claims) / str(uid), unit)
 
     def memory_now(self, handle: Handle) -> int | None:
         unit = Path(handle.ref)
@@ -583,6 +596,28 @@ def tree_memory(pids: set[int]) -> TreeMemory:
         if own >= top_private:
             top_private, top_file = own, kib.get(b"RssFile", 0)
     return TreeMemory(private, rss, top_file)
+
+
+def _claim(path: Path, unit: Path) -> bool:
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            if Path(_read(path).strip() or "/nonexistent").is_dir():
+                return False  # its unit is there: running, or ended and not yet cleaned up
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # stale (its dispatcher died before cleanup): take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(unit.resolve()))
+        return True
+    return False
+
+
+def _release(path: Path, unit: Path) -> None:
+    if _read(path).strip() == str(unit.resolve()):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _write_atomic(path: Path, text: str) -> None:
