@@ -45,7 +45,7 @@ def test_a_cell_created_but_never_started_is_lost_and_retried(queue, start_dispa
     attempts = queue.attempts(job)
     assert [a.outcome for a in attempts] == ["lost", "succeeded"]
     assert "never started" in attempts[0].error
-    assert pool_containers(docker_client, pool) == []
+    wait_for(lambda: pool_containers(docker_client, pool) == [], timeout=30, what="its containers removed")
 
 
 def test_cancel_of_a_cell_that_never_started_takes_effect(queue, start_dispatcher, docker_client, pool, db_url,
@@ -56,7 +56,7 @@ def test_cancel_of_a_cell_that_never_started_takes_effect(queue, start_dispatche
     queue.cancel(job)
     [j] = wait_final(queue, [job], timeout=30)
     assert j.state is JobState.CANCELLED
-    assert pool_containers(docker_client, pool) == []
+    wait_for(lambda: pool_containers(docker_client, pool) == [], timeout=30, what="its containers removed")
 
 
 def test_two_deployments_on_one_engine_never_share_a_container(queue, docker_client, pool, job_image):
