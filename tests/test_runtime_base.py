@@ -1,6 +1,7 @@
 """What the runtimes share (dispatcher/runtimes/base.py), and what they must keep as running units know it:
 the label keys and unit names a restarted dispatcher adopts by, and one hardening that Docker and Kubernetes
-both apply, the configured job user included. No engine and no API server: only the specs are built."""
+both apply, the configured job user included. Specs are built without an engine; the memory sampler runs
+against the real one."""
 
 from __future__ import annotations
 
@@ -106,25 +107,18 @@ def test_sizes_in_the_settings_notation_and_in_kubernetes_notation() -> None:
     assert Hardening.of("1:2", "64m", None).scratch_for(100) == 100
 
 
-class _Engine:
-    """Just enough of the Docker SDK's low-level API for owned() and the memory sampler."""
-
-    def __init__(self) -> None:
-        self.api = self
-        self.labels = Identity("docker", "blue", QUEUE, LabelKeys.under("jobcell.")).labels(7, 2, "small")
-
-    def containers(self, **_: Any) -> list[dict[str, Any]]:
-        return [{"Id": "c1", "Names": ["/c1"], "Labels": self.labels}]
-
-    def stats(self, ref: str, **_: Any) -> dict[str, Any]:
-        return {"memory_stats": {"usage": 5 * MIB, "max_usage": 9 * MIB}}
-
-
-def test_docker_samples_memory_from_its_first_unit_on_not_from_watch() -> None:
-    rt = docker_rt(client=_Engine(), stats_every_s=0.01)
-    [handle] = rt.owned()  # what a restarted dispatcher does first: its units are sampled from here on
-    assert handle == Handle("docker", "c1", 7, 2)
-    deadline = time.monotonic() + 5
-    while rt.memory_now(handle) is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert rt.memory_now(handle) == 5 * MIB and rt._peaks["c1"] == 9 * MIB
+def test_docker_samples_memory_from_its_first_unit_on_not_from_watch(docker_client, pool, job_image) -> None:
+    params = {"alloc_mib": 20, "sleep_s": 5}
+    header = Header(job_id=7, attempt=1, tier="small", memory_limit_bytes=64 * MIB, workload="diag", params=params)
+    spec = LaunchSpec(7, 1, "small", 64 * MIB, 60, "diag:", "diag", params)
+    options = DockerOptions(image=job_image, pool=pool, queue_id=QUEUE, stats_every_s=0.1)
+    started = DockerRuntime(options, client=docker_client).launch(spec, CellInput(header, "diag:"))
+    restarted = DockerRuntime(options, client=docker_client)  # a new dispatcher: no watch(), no launch
+    [handle] = restarted.owned()  # what a restarted dispatcher does first: its units are sampled from here on
+    assert handle == started
+    deadline = time.monotonic() + 10
+    while not (restarted.memory_now(handle) or 0) > 20 * MIB and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert 20 * MIB < (restarted.memory_now(handle) or 0) <= 64 * MIB
+    restarted.kill(handle)
+    restarted.cleanup(handle)
