@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class SizeClass(BaseModel):
     # Where this tier's cells run; None: the dispatcher's JOBCELL_RUNTIME. Routing lets small documents run as
     # capped processes on a small worker while large ones go to a runtime with bigger machines (a Render plan).
     runtime: Literal["docker", "process", "kubernetes", "render"] | None = None
+    # CPUs a cell of this tier counts for in CPU admission (JOBCELL_CPU_BUDGET), and the OCR workers it runs:
+    # more workers than cores only queue on the CPU, and a document waits longer for every other one
+    cpus: Annotated[float, Field(gt=0, le=64)] = 1.0
 
     @field_validator("max_input_bytes", "memory_limit_bytes", mode="before")
     @classmethod
@@ -204,15 +208,21 @@ def load_table_from(text: str | None, path: str | None) -> SizeClassTable:
     return load_table(DEFAULT_TABLE)
 
 
-def check_budget(table: SizeClassTable, budget_bytes: int, budgets: Mapping[str, int] | None = None) -> None:
+def check_budget(table: SizeClassTable, budget_bytes: int, budgets: Mapping[str, int] | None = None,
+                 cpu_budget: float | None = None) -> None:
     """Refuse a budget that could never admit the largest tier it serves: its jobs would wait forever. `budgets`
-    are those of runtimes that classes are routed to; every other class counts against `budget_bytes`."""
+    are those of runtimes that classes are routed to; every other class counts against `budget_bytes`, and
+    against `cpu_budget` when CPU admission is on."""
     routed = budgets or {}
     for c in reversed(table.classes):  # the largest class of each budget first
         if c.runtime is not None and c.runtime in routed:
             have, name = routed[c.runtime], f"JOBCELL_RUNTIME_BUDGETS[{c.runtime!r}]"
         else:
             have, name = budget_bytes, "JOBCELL_MEMORY_BUDGET"
+            if cpu_budget is not None and c.cpus > cpu_budget:
+                raise ConfigError(
+                    f"the CPU budget JOBCELL_CPU_BUDGET ({cpu_budget:g}) is smaller than the {c.name!r} class's "
+                    f"cpus ({c.cpus:g}): raise JOBCELL_CPU_BUDGET or lower that class's cpus")
         if have < c.memory_limit_bytes:
             raise ConfigError(
                 f"the memory budget {name} ({format_bytes(have)}) is smaller than the {c.name!r} class limit "
@@ -221,16 +231,32 @@ def check_budget(table: SizeClassTable, budget_bytes: int, budgets: Mapping[str,
 
 @dataclass
 class Ledger:
-    """One memory budget: the default runtime's, or one that classes are routed to."""
+    """One budget: the default runtime's, or one that classes are routed to. Memory always; CPUs where the
+    cells share this host's cores (a routed runtime's cells run on machines of their own: no CPU budget)."""
 
     budget_bytes: int
+    cpu_budget: float = math.inf
     used_bytes: int = 0
+    used_cpus: float = 0.0
     reserved_bytes: int = 0
+    reserved_cpus: float = 0.0
     reserved_for: int | None = None
+
+    def has_room(self, c: SizeClass) -> bool:
+        return (self.used_bytes + c.memory_limit_bytes <= self.budget_bytes - self.reserved_bytes
+                and self.used_cpus + c.cpus <= self.cpu_budget - self.reserved_cpus + 1e-9)
+
+    def could_ever_hold(self, c: SizeClass) -> bool:
+        return c.memory_limit_bytes <= self.budget_bytes and c.cpus <= self.cpu_budget + 1e-9
+
+    def hold(self, c: SizeClass) -> None:
+        self.used_bytes += c.memory_limit_bytes
+        self.used_cpus += c.cpus
 
 
 class Admission:
-    """Whether a job may start now: a free slot in its tier AND room in the memory budget of its runtime.
+    """Whether a job may start now: a free slot in its tier AND room in the memory budget of its runtime (and in
+    the CPU budget, when one is set: `cpu_budget`, shared by every class that is not routed elsewhere).
 
     Fair both ways: candidates come per tier (a backlog of one class never hides another's jobs), and a job
     that has waited `reserve_after_s` for memory gets it reserved: smaller jobs may still start, but only in
@@ -240,25 +266,28 @@ class Admission:
     """
 
     def __init__(self, table: SizeClassTable, budget_bytes: int, running: Iterable[Running],
-                 reserve_after_s: float = 120.0, budgets: Mapping[str, int] | None = None) -> None:
+                 reserve_after_s: float = 120.0, budgets: Mapping[str, int] | None = None,
+                 cpu_budget: float | None = None) -> None:
         self.table = table
         self.reserve_after_s = reserve_after_s
-        self.ledgers: dict[str | None, Ledger] = {None: Ledger(budget_bytes)}
+        cpus = math.inf if cpu_budget is None else cpu_budget
+        self.ledgers: dict[str | None, Ledger] = {None: Ledger(budget_bytes, cpus)}
         self.ledgers.update({name: Ledger(b) for name, b in (budgets or {}).items()})
         self.slots: dict[str, int] = {c.name: 0 for c in table.classes}
         for r in running:
-            tier = table.resolve(r.tier, r.memory_limit_bytes).name
-            self.slots[tier] = self.slots.get(tier, 0) + 1
-            self.ledger(tier).used_bytes += r.memory_limit_bytes
+            c = table.resolve(r.tier, r.memory_limit_bytes)
+            self.slots[c.name] = self.slots.get(c.name, 0) + 1
+            book = self.ledger(c.name)
+            book.used_bytes += r.memory_limit_bytes  # what it was started with, even if its class changed since
+            book.used_cpus += c.cpus
 
     def ledger(self, tier: str) -> Ledger:
         runtime = self.table.get(tier).runtime
         return self.ledgers[runtime if runtime in self.ledgers else None]
 
     def fits(self, tier: str) -> bool:
-        c, book = self.table.get(tier), self.ledger(tier)
-        room = book.budget_bytes - book.reserved_bytes
-        return self.slots[tier] < c.max_running and book.used_bytes + c.memory_limit_bytes <= room
+        c = self.table.get(tier)
+        return self.slots[tier] < c.max_running and self.ledger(tier).has_room(c)
 
     def consider(self, job_id: int, tier: str, waited_s: float) -> bool:
         """True if the job may start now; otherwise it may get its budget's reservation (one per budget and
@@ -267,10 +296,10 @@ class Admission:
             return True
         c, book = self.table.get(tier), self.ledger(tier)
         if (book.reserved_for is None and waited_s >= self.reserve_after_s and self.slots[tier] < c.max_running
-                and c.memory_limit_bytes <= book.budget_bytes):
-            book.reserved_for, book.reserved_bytes = job_id, c.memory_limit_bytes
+                and book.could_ever_hold(c)):
+            book.reserved_for, book.reserved_bytes, book.reserved_cpus = job_id, c.memory_limit_bytes, c.cpus
         return False
 
     def take(self, tier: str) -> None:
         self.slots[tier] += 1
-        self.ledger(tier).used_bytes += self.table.get(tier).memory_limit_bytes
+        self.ledger(tier).hold(self.table.get(tier))

@@ -60,8 +60,9 @@ def cmd_classes(s: Settings, a: argparse.Namespace) -> int:
         print(json.dumps([c.model_dump() for c in t.classes], indent=2))
         return 0
     rows = [(c.name, f"< {_input_size(c.max_input_bytes)}" if c.max_input_bytes else "rest",
-             format_bytes(c.memory_limit_bytes), c.max_running, _minutes(c.timeout_s)) for c in t.classes]
-    print(_table(rows, ["class", "input bytes", "memory limit", "max running", "timeout"]))
+             format_bytes(c.memory_limit_bytes), c.max_running, f"{c.cpus:g}", _minutes(c.timeout_s))
+            for c in t.classes]
+    print(_table(rows, ["class", "input bytes", "memory limit", "max running", "cpus", "timeout"]))
     return 0
 
 

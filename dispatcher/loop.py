@@ -47,6 +47,7 @@ class LoopConfig:
     summarise: bool = False  # a manifest worker on the trusted side summarises succeeded documents
     drain_output_s: float = 30.0  # how long an ended unit's output may take to be read to its end
     budgets: dict[str, int] = field(default_factory=dict)  # runtimes that classes are routed to, by name
+    cpu_budget: float | None = None  # CPUs the default runtime's cells may use at once; None: not counted
 
 
 @dataclass
@@ -92,8 +93,9 @@ class Dispatcher:
 
     def run(self) -> None:
         """Until stop(): with drain, wait for running units; without, leave them for the next dispatcher."""
-        log.info("dispatcher %s started: pool %s, memory budget %s, runtime %s", self.cfg.owner, self.cfg.pool,
-                 format_bytes(self.cfg.budget_bytes), self.runtime.name)
+        cpus = "not counted" if self.cfg.cpu_budget is None else f"{self.cfg.cpu_budget:g}"
+        log.info("dispatcher %s started: pool %s, memory budget %s, CPU budget %s, runtime %s", self.cfg.owner,
+                 self.cfg.pool, format_bytes(self.cfg.budget_bytes), cpus, self.runtime.name)
         self.queue.watch(self.wake.set)
         self.runtime.watch(self.wake.set)
         while not (self.stopping.is_set() and (not self.draining or not self.watched)):
@@ -136,7 +138,7 @@ class Dispatcher:
 
     def claim_and_launch(self) -> None:
         claimed = self.queue.claim(self.cfg.owner, self.cfg.pool, self.cfg.budget_bytes, self.cfg.max_claim,
-                                   self.cfg.budgets)
+                                   self.cfg.budgets, self.cfg.cpu_budget)
         fresh = [Watched(c.job, c.spec, None, self.clock()) for c in claimed]
         for w in fresh:
             self.watched[w.key] = w
@@ -174,7 +176,13 @@ class Dispatcher:
                       memory_limit_bytes=spec.memory_limit_bytes, workload=spec.workload, params=spec.params,
                       done_pages=self.queue.done_pages(spec.job_id, spec.attempt),
                       document_name=(job.source or job.document_uri).rsplit("/", 1)[-1][-200:],
-                      document_bytes=job.document_bytes, options=self.cfg.job_options)
+                      document_bytes=job.document_bytes, options=self.cfg.job_options, cpus=self._cpus(spec.tier))
+
+    def _cpus(self, tier: str) -> float | None:
+        """The CPUs admission counted this cell for, which its workers keep to; None where nothing counts them
+        (no CPU budget, or a tier routed to a runtime whose cells have machines of their own)."""
+        c = self.table.resolve(tier)
+        return None if self.cfg.cpu_budget is None or c.runtime in self.cfg.budgets else c.cpus
 
     # -- the result channel ---------------------------------------------------------------------------
 

@@ -77,12 +77,12 @@ class MemoryQueue:
         return job_id, True
 
     def claim(self, owner: str, pool: str, budget_bytes: int, limit: int,
-              budgets: Mapping[str, int] | None = None) -> list[Claimed]:
+              budgets: Mapping[str, int] | None = None, cpu_budget: float | None = None) -> list[Claimed]:
         with self._lock:
             now = self.now()
             running = [Running(j.id, j.tier, j.memory_limit_bytes or 0) for j in self._jobs.values()
                        if j.state is JobState.RUNNING and j.pool == pool]
-            admission = Admission(self._table, budget_bytes, running, self.reserve_after_s, budgets)
+            admission = Admission(self._table, budget_bytes, running, self.reserve_after_s, budgets, cpu_budget)
             queued = sorted((j for j in self._jobs.values() if j.state is JobState.QUEUED and j.scheduled_at <= now
                              and not j.cancel_requested and not {ALL_TIERS, j.tier} & self._paused.keys()),
                             key=lambda j: (-j.priority, j.scheduled_at, j.id))

@@ -125,8 +125,9 @@ class Queue(Results, Protocol):
         """Enqueue; (id, created). A document already submitted returns its existing job."""
 
     def claim(self, owner: str, pool: str, budget_bytes: int, limit: int,
-              budgets: Mapping[str, int] | None = None) -> list[Claimed]:
-        """Atomically take runnable jobs that fit the tier slots and the memory budget of `pool`."""
+              budgets: Mapping[str, int] | None = None, cpu_budget: float | None = None) -> list[Claimed]:
+        """Atomically take runnable jobs that fit the tier slots and the memory budget of `pool` (and its CPU
+        budget, when one is given)."""
 
     def started(self, job_id: int, attempt: int, runtime: str, handle: str) -> None: ...
 

@@ -89,12 +89,12 @@ class PostgresQueue(QueueReads):
         return self.db.run(go)
 
     def claim(self, owner: str, pool: str, budget_bytes: int, limit: int,
-              budgets: Mapping[str, int] | None = None) -> list[Claimed]:
+              budgets: Mapping[str, int] | None = None, cpu_budget: float | None = None) -> list[Claimed]:
         def go(conn: Conn) -> list[Claimed]:
             self.db.one(conn, "lock_pool", pool=pool)
             running = [Running(r["id"], r["tier"], r["memory_limit_bytes"])
                        for r in self.db.all(conn, "running_in_pool", pool=pool)]
-            admission = Admission(self._table, budget_bytes, running, self.reserve_after_s, budgets)
+            admission = Admission(self._table, budget_bytes, running, self.reserve_after_s, budgets, cpu_budget)
             taken: list[Claimed] = []
             for row in self.db.all(conn, "claimable", per_tier=max(limit, 8)):
                 if len(taken) >= limit:

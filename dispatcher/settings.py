@@ -34,6 +34,10 @@ class Settings(BaseSettings, JobOptions):
     runtime: Literal["docker", "process", "kubernetes", "render"] = "docker"
     # Budgets of the runtimes that classes are routed to (a class's "runtime"), as JSON: {"render": "16GiB"}
     runtime_budgets: dict[Literal["docker", "process", "kubernetes", "render"], str] = Field(default_factory=dict)
+    # CPUs the cells of this host may use at once (a class's "cpus" each, 1 by default): "auto" is the engine's
+    # CPUs for docker and process, and no CPU admission for kubernetes and render (their schedulers place cells
+    # by CPU themselves); "off", or a number such as 2 or 3.5
+    cpu_budget: str = "auto"
     process_state_dir: str = "var/process-units"  # process runtime: logs, pids and exit codes of its units
     cgroup_root: str | None = None  # process runtime on cgroup v2: a delegated cgroup with +memory
     process_cap: Literal["auto", "rlimit", "watchdog"] = "auto"
@@ -96,6 +100,25 @@ class Settings(BaseSettings, JobOptions):
         else:
             parse_bytes(v)
         return v.strip()
+
+    @field_validator("cpu_budget")
+    @classmethod
+    def _cpus(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in ("auto", "off"):
+            try:
+                n = float(v)
+            except ValueError:
+                raise ValueError("write auto, off, or a number of CPUs such as 2 or 3.5") from None
+            if not 0 < n <= 4096:
+                raise ValueError("a number of CPUs must be above 0")
+        return v
+
+    def cpu_budget_for(self, host_cpus: int) -> float | None:
+        """The CPU budget of this dispatcher's own runtime, given the CPUs of the host its cells run on."""
+        if self.cpu_budget == "off" or (self.cpu_budget == "auto" and self.runtime in ("kubernetes", "render")):
+            return None
+        return float(host_cpus) if self.cpu_budget == "auto" else float(self.cpu_budget)
 
     @field_validator("render_plans")
     @classmethod

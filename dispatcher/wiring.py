@@ -143,12 +143,13 @@ def build_dispatcher(s: Settings, migrate: bool = False, observer: PrometheusObs
             raise ConfigError(f"the job image {s.job_image!r} is not on this Docker engine: build it "
                               "(scripts/build-job-image.sh) or pull it, or set JOBCELL_JOB_IMAGE") from None
     if s.runtime == "docker" and client is not None:
-        total = int(client.info()["MemTotal"])
-    else:  # process: this host's memory; kubernetes, render: an explicit amount (checked in settings)
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    budget = s.budget_bytes(total)
+        info = client.info()
+        total, cpus = int(info["MemTotal"]), int(info["NCPU"])
+    else:  # process: this host's; kubernetes, render: explicit amounts (checked in settings) or none
+        total, cpus = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), len(os.sched_getaffinity(0))
+    budget, cpu_budget = s.budget_bytes(total), s.cpu_budget_for(cpus)
     budgets = routed_budgets(table, s.runtime, {k: parse_bytes(v) for k, v in s.runtime_budgets.items()})
-    check_budget(table, budget, budgets)
+    check_budget(table, budget, budgets, cpu_budget)
     queue = build_queue(s, give_up_after_s=None)  # the dispatcher waits out a database outage
     if migrate:
         queue.migrate()
@@ -160,6 +161,7 @@ def build_dispatcher(s: Settings, migrate: bool = False, observer: PrometheusObs
         others = [build_runtime(s, queue_id, store, client, name) for name in s.runtimes()[1:]]
         runtime = RoutedRuntime(runtime, others, table)
     config = LoopConfig(owner=s.dispatcher_id, pool=s.pool, budget_bytes=budget, budgets=budgets,
+                        cpu_budget=cpu_budget,
                         poll_s=s.poll_interval_s,
                         heartbeat_s=s.lease_ttl_s / 3, reconcile_s=max(2.0, s.lease_ttl_s / 6),
                         backoff=Backoff(s.backoff_exponent, s.backoff_cap_s), job_options=s.job_options(),

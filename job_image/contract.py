@@ -79,6 +79,9 @@ class Header(_Strict):
     # Where the cell reads its peak: its own cgroup (a container's /sys/fs/cgroup), or its processes' high-water
     # marks (a process of the host, whose /sys/fs/cgroup counts the whole machine)
     peak_from: Literal["cgroup", "process"] = "cgroup"
+    # The CPUs the dispatcher's admission counted this cell for: it runs no more OCR workers than that. None:
+    # nothing counts them, so it may use every CPU it can see
+    cpus: float | None = Field(default=None, gt=0)
 
 
 # -- what a cell emits --------------------------------------------------------------------------------------

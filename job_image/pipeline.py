@@ -16,7 +16,7 @@ from .cell_io import Channel
 from .contract import EXIT_OK, BadInput, DocumentInfo, Header, JobOptions, PageResult, Word
 from .ocr import PageText, ocr
 from .pages import pending, render
-from .resources import cpu_count, workers
+from .resources import cpus, workers
 from .validate import Document, Limits, Page, inspect
 
 
@@ -37,7 +37,7 @@ def run(header: Header, document: Path, channel: Channel, scratch: Path) -> int:
                               pages=len(doc.pages)))
     done = set(header.done_pages)
     todo = list(pending(doc, done))
-    n = workers(doc.pages, header.memory_limit_bytes, o.ocr_workers or cpu_count())
+    n = workers(doc.pages, header.memory_limit_bytes, o.ocr_workers or cpus(header.cpus))
     pages = f"{len(doc.pages)} page{'s' if len(doc.pages) != 1 else ''}"
     print(f"{doc.media_type}, {pages}, {len(done & {p.number for p in doc.pages})} already stored, "
           f"{n} worker{'s' if n != 1 else ''}", file=sys.stderr, flush=True)

@@ -27,6 +27,12 @@ def cpu_count() -> int:
     return n
 
 
+def cpus(counted: float | None) -> int:
+    """Page workers: the CPUs admission counted this cell for (at least one), never more than it can use."""
+    n = cpu_count()
+    return n if counted is None else max(1, min(n, math.ceil(counted)))
+
+
 def _v2(text: str, _path: str) -> float | None:
     quota, period = text.split()[:2]
     return None if quota == "max" else int(quota) / int(period)

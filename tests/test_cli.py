@@ -47,8 +47,8 @@ def test_classes_prints_the_default_table():
     out = jobcell("classes", env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["class", "input", "bytes", "memory", "limit", "max", "running", "timeout"]
-    assert lines[1].split()[:1] + lines[1].split()[4:] == ["small", "512", "MiB", "15", "10", "min"]
+    assert lines[0].split() == ["class", "input", "bytes", "memory", "limit", "max", "running", "cpus", "timeout"]
+    assert lines[1].split()[:1] + lines[1].split()[4:] == ["small", "512", "MiB", "15", "1", "10", "min"]
     assert lines[3].split()[:2] == ["large", "rest"]
 
 
@@ -64,6 +64,7 @@ def test_classes_prints_the_default_table():
     ("JOBCELL_STORE_MOUNT", "jobcell-store", "JOBCELL_STORE_MOUNT: cells no longer mount the store"),
     ("JOBCELL_RENDER_PLANS", '{"large": "starter"}', "are not Render instance type ids: use plan-srv-006"),
     ("JOBCELL_RUNTIME_BUDGETS", '{"render": "lots"}', "JOBCELL_RUNTIME_BUDGETS"),
+    ("JOBCELL_CPU_BUDGET", "two", "JOBCELL_CPU_BUDGET: Value error, write auto, off, or a number of CPUs"),
     ("JOBCELL_WEBHOOK_URL", "https://app.invalid/hooks", "JOBCELL_WEBHOOK_URL needs JOBCELL_WEBHOOK_SECRET"),
     ("JOBCELL_WEBHOOK_URL", "ftp://app.invalid/hooks", "is not a webhook URL"),
     ("JOBCELL_CLASSES", '[{"name": "small", "memory_limit_bytes": "64MiB", "max_running": 1, "timeout_s": 5, '
@@ -80,6 +81,12 @@ def test_a_bad_config_is_refused_at_start_saying_what_to_fix(var, value, says):
 def test_a_budget_below_the_top_tier_is_refused_at_start(cli_env):
     out = jobcell("run", env=dict(cli_env, JOBCELL_MEMORY_BUDGET="100MiB"), timeout=30)
     assert out.returncode == 2 and "raise JOBCELL_MEMORY_BUDGET" in out.stderr
+
+
+def test_a_cpu_budget_below_a_class_cpus_is_refused_at_start(cli_env):
+    classes = '[{"name": "big", "memory_limit_bytes": "64MiB", "max_running": 1, "timeout_s": 5, "cpus": 4}]'
+    out = jobcell("run", env=dict(cli_env, JOBCELL_CLASSES=classes, JOBCELL_CPU_BUDGET="2"), timeout=30)
+    assert out.returncode == 2 and "raise JOBCELL_CPU_BUDGET or lower that class's cpus" in out.stderr
 
 
 def test_a_missing_job_image_is_refused_at_start(cli_env):

@@ -232,3 +232,41 @@ def test_a_routed_runtime_without_a_budget_is_refused_saying_how_to_set_one():
     with pytest.raises(ConfigError, match=r"JOBCELL_RUNTIME_BUDGETS needs a memory budget for 'render' \(class "
                                           r"large\): e\.g\. JOBCELL_RUNTIME_BUDGETS='\{\"render\": \"8GiB\"\}'"):
         routed_budgets(t, "process", {})
+
+
+CPU_TABLE = [dict(c, cpus=2) if c["name"] == "large" else c for c in DEFAULT_TABLE]
+
+
+def test_cpu_admission_counts_each_class_cpus_beside_memory():
+    t = load_table(CPU_TABLE)
+    a = Admission(t, 64 * 1024 * MIB, [Running(1, "small", 512 * MIB)], cpu_budget=2)
+    assert a.fits("small") and not a.fits("large")  # memory and slots are plenty; 1 + 2 CPUs > 2
+    a.take("small")
+    assert not a.fits("small") and not a.fits("medium")  # two cells on two CPUs: the third would only wait
+    assert a.ledger("small").used_cpus == 2
+    off = Admission(t, 64 * 1024 * MIB, [Running(1, "small", 512 * MIB), Running(2, "small", 512 * MIB)])
+    assert off.fits("small")  # no CPU budget: memory and slots alone, as before
+
+
+def test_a_job_that_waited_long_gets_its_cpus_reserved_too():
+    t = load_table(CPU_TABLE)
+    running = [Running(1, "small", 512 * MIB)]
+    a = Admission(t, 64 * 1024 * MIB, running, reserve_after_s=120, cpu_budget=2)
+    assert not a.consider(10, "large", waited_s=300)  # needs both CPUs; one is busy
+    assert a.ledger("large").reserved_cpus == 2
+    assert not a.consider(11, "small", waited_s=0)  # the free CPU is kept for it: small jobs cannot starve it
+
+
+def test_a_routed_class_is_not_counted_against_this_hosts_cpus():
+    t = load_table([dict(c, runtime="render") if c["name"] == "large" else c for c in CPU_TABLE])
+    a = Admission(t, 1024 * MIB, [Running(1, "small", 512 * MIB), Running(2, "small", 512 * MIB)],
+                  budgets={"render": 4096 * MIB}, cpu_budget=2)
+    assert not a.fits("small") and a.fits("large")  # Render's machine has its own CPUs
+    assert a.ledger("large").used_cpus == 0
+
+
+def test_a_cpu_budget_below_a_class_cpus_is_refused():
+    t = load_table(CPU_TABLE)
+    check_budget(t, 4096 * MIB, cpu_budget=2)
+    with pytest.raises(ConfigError, match=r"JOBCELL_CPU_BUDGET \(1\) is smaller than the 'large' class's cpus"):
+        check_budget(t, 4096 * MIB, cpu_budget=1)

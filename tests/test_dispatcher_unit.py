@@ -217,3 +217,28 @@ def test_tiers_run_on_the_runtime_their_class_names_and_an_oom_escalates_across_
     assert [(a.tier, a.outcome, a.runtime) for a in q.attempts(grows)] == [
         ("small", "oom", "process"), ("medium", "succeeded", "render")]
     assert [a.runtime for a in q.attempts(large)] == ["render"] and routed.name == "process+render"
+
+
+def test_a_cpu_budget_runs_no_more_cells_than_it_has_cpus_and_tells_each_its_share():
+    headers = []
+
+    def record(spec: Any, cell: CellInput) -> Script:
+        headers.append(cell.header)
+        return diag_script(spec, cell)
+
+    d, q, rt = make(MemoryRuntime(record), cpu_budget=1)
+    jobs = [submit(q, sleep_s=0.3) for _ in range(3)]
+    run(d, 1)
+    assert len(rt.units) == 1  # memory and slots hold three small jobs; one CPU holds one
+    deadline = time.time() + 10
+    while any(q.get(j).state is not JobState.SUCCEEDED for j in jobs) and time.time() < deadline:
+        d.tick()
+        assert len([u for u in rt.units.values() if d.runtime.poll(u.handle) is None]) <= 1
+        time.sleep(0.05)
+    assert all(q.get(j).state is JobState.SUCCEEDED for j in jobs)
+    assert [h.cpus for h in headers] == [1.0, 1.0, 1.0]  # its page workers keep to the CPU it was counted for
+    d2, q2, rt2 = make(MemoryRuntime(record))
+    headers.clear()
+    [submit(q2, sleep_s=0.3) for _ in range(3)]
+    run(d2, 1)
+    assert len(rt2.units) == 3 and [h.cpus for h in headers] == [None] * 3  # no CPU budget: as many as it sees

@@ -44,7 +44,7 @@ class Docs:
         self.queue: PostgresQueue | None = None
 
     def start(self, classes: list[dict[str, Any]] = DEFAULT_LIKE, store: S3Store | None = None,
-              summarise: bool = False, **options: Any) -> PostgresQueue:
+              summarise: bool = False, cpu_budget: float | None = None, **options: Any) -> PostgresQueue:
         """A dispatcher on sealed cells (network none, no env, no mount); options go into every header."""
         table = load_table(classes)
         self.queue = PostgresQueue(self.db_url, table, lease_ttl_s=10.0)
@@ -55,7 +55,7 @@ class Docs:
         dq = PostgresQueue(self.db_url, table, lease_ttl_s=10.0, give_up_after_s=None)
         cfg = LoopConfig(owner=f"docs-{uuid.uuid4().hex[:4]}", pool=self.pool, budget_bytes=6 * 1024 * MIB,
                          poll_s=0.2, heartbeat_s=3, reconcile_s=2, backoff=Backoff(exponent=0),
-                         job_options=JobOptions(**options), summarise=summarise)
+                         job_options=JobOptions(**options), summarise=summarise, cpu_budget=cpu_budget)
         self.running.append(Running(Dispatcher(dq, runtime, table, cfg)))
         return self.queue
 
@@ -177,6 +177,16 @@ def test_a_150_page_scan_succeeds_in_the_small_tier(docs, tmp_path):
     pages = q.pages(job_id)
     assert [p.page for p in pages] == list(range(1, 151))
     assert "Page 150 line 39" in pages[-1].text.replace("\n", " ")
+
+
+def test_a_cpu_budget_runs_one_cell_per_cpu_each_with_one_page_worker(docs):
+    q = docs.start(cpu_budget=1)  # slots and memory hold both documents at once; one CPU holds one
+    ids = [docs.submit(CORPUS / "ocrmypdf-multipage.pdf"), docs.submit(CORPUS / "ocrmypdf-cardinal.pdf")]
+    jobs = wait_final(q, ids, timeout=600)
+    assert all(j.state is JobState.SUCCEEDED for j in jobs), [j.reason for j in jobs]
+    first, second = sorted((a for i in ids for a in q.attempts(i)), key=lambda a: a.started_at)
+    assert first.finished_at is not None and second.started_at >= first.finished_at  # one after the other
+    assert all("1 worker" in (a.log_tail or "") for a in (first, second))  # 6 and 4 pages, one at a time
 
 
 def pdfunite(client: Any, inputs: list[Path], out: Path) -> Path:
