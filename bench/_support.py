@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import psycopg
+
+from job_image.contract import Header, JobOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_IMAGE = os.environ.get("JOBCELL_JOB_IMAGE", "jobcell-job:dev")
@@ -78,18 +83,28 @@ PEAK = "jobcell-peak-bytes="
 
 
 def run_job(client: docker.DockerClient, store: Path, name: str, memory: str = "2g", cpus: float | None = None,
-            env: dict[str, str] | None = None) -> tuple[int, float, str]:
-    """The job image on one stored document, no database (pages go to stdout); (peak bytes, seconds, output)."""
+            env: dict[str, str] | None = None, **options: Any) -> tuple[int, float, str]:
+    """The job image on one stored document, sealed as the Docker runtime starts it (no network, read-only,
+    the header and the document on stdin), no database: (peak bytes, seconds, stdout and stderr). `options`
+    go into the header's JobOptions (e.g. ocr_workers=1); `env` is kept for callers that set OCR_* tuning."""
+    document = (store / name).read_bytes()
+    header = Header(job_id=1, attempt=1, tier="bench", memory_limit_bytes=_bytes(memory), workload="ocr",
+                    document_name=name, document_bytes=len(document), options=JobOptions(**options))
+    cmd = ["docker", "run", "-i", "--rm", "--network", "none", "--memory", memory, "--memory-swap", memory,
+           "--read-only", "--tmpfs", "/tmp:size=64m", "--user", "10001:10001",
+           "--tmpfs", "/scratch:rw,noexec,nosuid,nodev,size=512m,uid=10001,gid=10001,mode=0700", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+           *(["--cpus", str(cpus)] if cpus else []),
+           *[a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")], JOB_IMAGE]
     t0 = time.monotonic()
-    out = client.containers.run(
-        JOB_IMAGE, remove=True, network_mode="none", mem_limit=memory, memswap_limit=memory, read_only=True,
-        tmpfs={"/tmp": "size=64m"}, volumes={str(store): {"bind": "/store", "mode": "ro"}},
-        nano_cpus=int(cpus * 1e9) if cpus else None,
-        environment={"JOBCELL_DOCUMENT": f"store:{name}", "JOBCELL_WORKLOAD": "ocr",
-                     "JOBCELL_MEMORY_LIMIT_BYTES": str(_bytes(memory)), **(env or {})}).decode()
+    out = subprocess.run(cmd, input=header.model_dump_json().encode() + b"\n" + document, capture_output=True,
+                         check=False)
     seconds = time.monotonic() - t0
-    peaks = [int(line.removeprefix(PEAK)) for line in out.splitlines() if line.startswith(PEAK)]
-    return peaks[-1], seconds, out
+    text = out.stdout.decode(errors="replace") + out.stderr.decode(errors="replace")
+    peaks = [json.loads(line)["bytes"] for line in out.stdout.decode(errors="replace").splitlines()
+             if line.startswith("{") and json.loads(line).get("type") == "peak"]
+    if out.returncode != 0 or not peaks:
+        raise RuntimeError(f"the job exited {out.returncode} on {name}: {text[-500:]}")
+    return peaks[-1], seconds, text
 
 
 def _bytes(memory: str) -> int:

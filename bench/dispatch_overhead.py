@@ -26,20 +26,24 @@ from dispatcher.loop import Dispatcher, LoopConfig
 from dispatcher.models import MIB, NewJob
 from dispatcher.queue import PostgresQueue
 from dispatcher.runtimes.docker import DockerOptions, DockerRuntime
+from job_image.contract import Header
 
 from ._support import JOB_IMAGE, postgres
 
 LIMIT = "128m"
+# a diag cell's whole input: its header line (a diag job reads no document)
+DIAG = Header(job_id=1, attempt=1, tier="bench", memory_limit_bytes=128 * MIB,
+              workload="diag").model_dump_json().encode() + b"\n"
 
 
 def baseline(n: int, concurrency: int) -> float:
     """Wall seconds of N `docker run --rm` with the limits and hardening jobcell uses."""
 
     def one(_: int) -> None:
-        subprocess.run(["docker", "run", "--rm", "--network", "none", "--memory", LIMIT,
+        subprocess.run(["docker", "run", "-i", "--rm", "--network", "none", "--memory", LIMIT,
                         "--memory-swap", LIMIT, "--pids-limit", "256", "--read-only", "--tmpfs", "/tmp:size=64m",
                         "--cap-drop", "ALL", "--security-opt", "no-new-privileges:true", "--user", "10001:10001",
-                        "-e", "JOBCELL_WORKLOAD=diag", JOB_IMAGE], check=True, capture_output=True)
+                        JOB_IMAGE], input=DIAG, check=True, capture_output=True)
 
     start = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -53,8 +57,8 @@ def raw_start_latency(client: docker.DockerClient, samples: int) -> list[float]:
     for _ in range(samples):
         name = f"bench-raw-{uuid.uuid4().hex[:8]}"
         t0 = time.time()
-        subprocess.run(["docker", "run", "--name", name, "--network", "none", "--memory", LIMIT, "--memory-swap",
-                        LIMIT, "-e", "JOBCELL_WORKLOAD=diag", JOB_IMAGE], check=True, capture_output=True)
+        subprocess.run(["docker", "run", "-i", "--name", name, "--network", "none", "--memory", LIMIT,
+                        "--memory-swap", LIMIT, JOB_IMAGE], input=DIAG, check=True, capture_output=True)
         c = client.containers.get(name)
         out.append(_ts(c.attrs["State"]["StartedAt"]) - t0)
         c.remove(force=True)

@@ -56,7 +56,7 @@ def main() -> None:
         for p in store.iterdir():
             p.chmod(0o644)
         raw1_s = raw_tesseract(client, store, a.dpi)
-        _, job1_s, _ = run_job(client, store, "scan.tif", memory="2g", cpus=1.0, env={"JOBCELL_OCR_WORKERS": "1"})
+        _, job1_s, _ = run_job(client, store, "scan.tif", memory="2g", cpus=1.0, ocr_workers=1)
         cpus = os.cpu_count() or 1
         _, jobn_s, _ = run_job(client, store, "scan.tif", memory="2g")
         raw2_s = raw_tesseract(client, store, a.dpi)  # again after the job: drift shows as a difference
