@@ -92,7 +92,8 @@ def run_job(client: docker.DockerClient, store: Path, name: str, memory: str = "
                     document_name=name, document_bytes=len(document), options=JobOptions(**options))
     cmd = ["docker", "run", "-i", "--rm", "--network", "none", "--memory", memory, "--memory-swap", memory,
            "--read-only", "--tmpfs", "/tmp:size=64m", "--user", "10001:10001",
-           "--tmpfs", "/scratch:rw,noexec,nosuid,nodev,size=512m,uid=10001,gid=10001,mode=0700", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+           "--tmpfs", "/scratch:rw,noexec,nosuid,nodev,size=512m,uid=10001,gid=10001,mode=0700",
+           "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
            *(["--cpus", str(cpus)] if cpus else []),
            *[a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")], JOB_IMAGE]
     t0 = time.monotonic()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from job_image.contract import DocumentInfo, Done, Limits, PageResult, Peak, Record, decode, reason_text
+from job_image.contract import DocumentInfo, Done, Limits, Need, PageResult, Peak, Record, decode, reason_text
 
 
 class Refused(Exception):
@@ -29,6 +29,7 @@ class ChannelReader:
     document: DocumentInfo | None = None
     pages: set[int] = field(default_factory=set)
     peak_bytes: int | None = None
+    need_bytes: int | None = None
     done: bool = False
     stale: bool = False
     consumed: int = 0  # bytes of the stream taken so far (a re-read stream skips them)
@@ -81,6 +82,10 @@ class ChannelReader:
             self.declare(record)
         elif isinstance(record, PageResult):
             self._page(record)
+        elif isinstance(record, Need):
+            if self.need_bytes is not None:
+                raise Refused("declared its memory need twice")
+            self.need_bytes = record.bytes
         elif isinstance(record, Peak):
             self.peak_bytes = record.bytes
         elif isinstance(record, Done):

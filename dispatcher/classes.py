@@ -156,6 +156,11 @@ class SizeClassTable(BaseModel):
         i = names.index(name)
         return self.classes[i + 1] if i + 1 < len(names) else None
 
+    def holding(self, need_bytes: int, above: str) -> SizeClass | None:
+        """The smallest class above `above` whose limit holds `need_bytes`, else the top one; None at the top."""
+        higher = self.classes[self.names.index(above) + 1:]
+        return next((c for c in higher if c.memory_limit_bytes >= need_bytes), higher[-1] if higher else None)
+
     @property
     def top(self) -> SizeClass:
         return self.classes[-1]

@@ -73,7 +73,8 @@ def cmd_migrate(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
-DIAG_PARAMS = {"alloc_mib": float, "sleep_s": float, "step_sleep_s": float, "exit_code": int, "message": str}
+DIAG_PARAMS = {"alloc_mib": float, "sleep_s": float, "step_sleep_s": float, "exit_code": int, "message": str,
+               "need_mib": float}
 
 
 def _parse_diag(spec: str) -> dict[str, Any]:

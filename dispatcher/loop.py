@@ -48,6 +48,7 @@ class LoopConfig:
     drain_output_s: float = 30.0  # how long an ended unit's output may take to be read to its end
     budgets: dict[str, int] = field(default_factory=dict)  # runtimes that classes are routed to, by name
     cpu_budget: float | None = None  # CPUs the default runtime's cells may use at once; None: not counted
+    sizing: bool = True  # cells may stop before any work when their estimate exceeds their cap, and move up
 
 
 @dataclass
@@ -176,7 +177,11 @@ class Dispatcher:
                       memory_limit_bytes=spec.memory_limit_bytes, workload=spec.workload, params=spec.params,
                       done_pages=self.queue.done_pages(spec.job_id, spec.attempt),
                       document_name=(job.source or job.document_uri).rsplit("/", 1)[-1][-200:],
-                      document_bytes=job.document_bytes, options=self.cfg.job_options, cpus=self._cpus(spec.tier))
+                      document_bytes=job.document_bytes, options=self.cfg.job_options, cpus=self._cpus(spec.tier),
+                      larger_tier=self._may_move_up(spec.tier))
+
+    def _may_move_up(self, tier: str) -> bool:
+        return self.cfg.sizing and self.table.next_tier(self.table.resolve(tier).name) is not None
 
     def _cpus(self, tier: str) -> float | None:
         """The CPUs admission counted this cell for, which its workers keep to; None where nothing counts them
@@ -354,12 +359,13 @@ class Dispatcher:
             elif reader is not None and reader.document is not None:
                 completed = Completed(reader.document.media_type, reader.document.pages, self.cfg.summarise)
         ended = replace(ended, peak_memory_bytes=self._peak(w, ended, outcome))
+        need = reader.need_bytes if reader is not None else None
         d = decide(outcome, tier=w.spec.tier, attempt=w.spec.attempt, max_attempts=w.max_attempts,
-                   table=self.table, backoff=self.cfg.backoff, exit_reason=ended.reason)
+                   table=self.table, backoff=self.cfg.backoff, exit_reason=ended.reason, need_bytes=need)
         result = Finish(job_id=w.spec.job_id, attempt=w.spec.attempt, outcome=outcome, exit=ended,
                         duration_s=ended.ran_s if ended.ran_s is not None else max(0.0, self.clock() - w.started),
                         next_state=d.state.value,
-                        next_tier=d.tier, delay_s=d.delay_s, reason=d.reason, completed=completed)
+                        next_tier=d.tier, delay_s=d.delay_s, reason=d.reason, completed=completed, need_bytes=need)
         if self.queue.finish(self.cfg.owner, result):
             level = logging.INFO if outcome is Outcome.SUCCEEDED or d.state is not JobState.FAILED else logging.WARNING
             log.log(level, "job %s attempt %s: %s (exit %s, peak %s) -> %s%s", *w.key, outcome.value,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from job_image.contract import EXIT_OK, DocumentInfo, Done, PageResult, Peak, encode
+from job_image.contract import EXIT_NEEDS_MORE, EXIT_OK, DocumentInfo, Done, Need, PageResult, Peak, encode
 
 from .classes import Admission, SizeClassTable
 from .errors import NotFound
@@ -147,6 +147,7 @@ class MemoryQueue:
             if a.outcome is None:
                 a.finished_at, a.outcome, a.duration_s = now, result.outcome.value, result.duration_s
                 a.exit_code, a.oom_killed, a.peak_memory_bytes = e.exit_code, e.oom_killed, e.peak_memory_bytes
+                a.need_bytes = result.need_bytes
                 a.error = None if result.outcome is Outcome.SUCCEEDED else e.reason or None
             if result.completed is not None:
                 done = result.completed
@@ -303,13 +304,18 @@ def diag_script(spec: LaunchSpec, cell: CellInput) -> Script:
     p = cell.header.params
     need = PYTHON_BASE + int(float(p.get("alloc_mib", 0)) * MIB)
     runs = float(p.get("sleep_s", 0))
+    job, attempt = cell.header.job_id, cell.header.attempt
+    if "need_mib" in p:  # it says what it needs before any work, and stops if a larger tier can hold that
+        said = int(float(p["need_mib"]) * MIB)
+        told = encode(Need(job=job, attempt=attempt, bytes=said))
+        if cell.header.larger_tier and said > spec.memory_limit_bytes:
+            return Script(output=told, exit_code=EXIT_NEEDS_MORE, stderr=f"needs about {said // MIB} MiB")
     if need > spec.memory_limit_bytes:
         return Script(runs_s=runs / 2, exit_code=137, oom_killed=True)
     code = int(p.get("exit_code", 0))
-    job, attempt = cell.header.job_id, cell.header.attempt
-    out = b""
+    out = told if "need_mib" in p else b""
     if code == EXIT_OK:
-        out = (encode(DocumentInfo(job=job, attempt=attempt, media_type="application/x-jobcell-diag", pages=0))
+        out += (encode(DocumentInfo(job=job, attempt=attempt, media_type="application/x-jobcell-diag", pages=0))
                + encode(Done(job=job, attempt=attempt)))
     out += encode(Peak(job=job, attempt=attempt, bytes=need))
     return Script(output=out, runs_s=runs, exit_code=code, peak_bytes=need, stderr=str(p.get("message", "")))

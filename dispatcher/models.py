@@ -28,6 +28,7 @@ class Outcome(enum.StrEnum):
 
     SUCCEEDED = "succeeded"
     OOM = "oom"
+    NEEDS_MORE = "needs_more"  # its own estimate exceeded its cap before any work: moved to a tier that holds it
     BAD_INPUT = "bad_input"
     TIMEOUT = "timeout"
     ERROR = "error"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from job_image.contract import EXIT_BAD_INPUT, EXIT_NO_MEMORY, EXIT_OK, EXIT_SIGKILL
+from job_image.contract import EXIT_BAD_INPUT, EXIT_NEEDS_MORE, EXIT_NO_MEMORY, EXIT_OK, EXIT_SIGKILL
 
-from .classes import SizeClassTable
+from .classes import SizeClassTable, format_bytes
 from .models import Exit, JobState, KillReason, Outcome
 
 
@@ -30,6 +30,8 @@ def classify(exit: Exit, killed_by: KillReason | None) -> Outcome:
         return Outcome.BAD_INPUT
     if exit.exit_code == EXIT_NO_MEMORY:
         return Outcome.OOM
+    if exit.exit_code == EXIT_NEEDS_MORE:
+        return Outcome.NEEDS_MORE
     if exit.exit_code == EXIT_SIGKILL and killed_by is None:
         return Outcome.LOST
     return Outcome.ERROR
@@ -62,7 +64,8 @@ class Decision:
 
 
 def decide(outcome: Outcome, *, tier: str, attempt: int, max_attempts: int, table: SizeClassTable,
-           backoff: Backoff, exit_reason: str = "", rand: random.Random | None = None) -> Decision:
+           backoff: Backoff, exit_reason: str = "", rand: random.Random | None = None,
+           need_bytes: int | None = None) -> Decision:
     """What the job becomes after an attempt ended with `outcome`."""
     limit = table.get(tier)
     if outcome is Outcome.SUCCEEDED:
@@ -85,9 +88,29 @@ def decide(outcome: Outcome, *, tier: str, attempt: int, max_attempts: int, tabl
                                                             f"after {attempt} attempts")
         return Decision(JobState.QUEUED, bigger.name, 0.0,
                         reason=f"OOM-killed at {limit.memory_mib} MiB; retrying on {bigger.name!r}")
+    if outcome is Outcome.NEEDS_MORE:
+        return _move_up(tier, attempt, max_attempts, table, need_bytes)
     # error, lost: transient until proven otherwise
     what = exit_reason or ("the job's unit vanished or was killed from outside (not by its memory cap)"
                            if outcome is Outcome.LOST else "the job failed")
     if attempt >= max_attempts:
         return Decision(JobState.FAILED, tier, reason=f"{what} ({outcome.value}); gave up after {attempt} attempts")
     return Decision(JobState.QUEUED, tier, backoff.delay(attempt, rand), reason=f"{what} ({outcome.value}); will retry")
+
+
+def _move_up(tier: str, attempt: int, max_attempts: int, table: SizeClassTable, need_bytes: int | None) -> Decision:
+    """The cell said, before any work, that it needs more than its cap: straight to the smallest tier above that
+    holds the need (the top one if none does: the estimate is generous), skipping tiers an OOM would climb."""
+    limit = table.get(tier)
+    need = f"about {format_bytes(need_bytes)}" if need_bytes else "more"
+    target = table.holding(need_bytes or 0, above=tier)
+    if target is None:
+        return Decision(JobState.FAILED, tier, reason=f"needs {need} memory; the top tier {tier!r} has "
+                                                      f"{format_bytes(limit.memory_limit_bytes)}")
+    if attempt >= max_attempts:
+        return Decision(JobState.FAILED, tier, reason=f"needs {need} memory, over the {tier!r} tier's "
+                                                      f"{format_bytes(limit.memory_limit_bytes)}, "
+                                                      f"after {attempt} attempts")
+    return Decision(JobState.QUEUED, target.name, 0.0,
+                    reason=f"needs {need} for its largest page, over the {tier!r} tier's "
+                           f"{format_bytes(limit.memory_limit_bytes)}: moved to {target.name!r} before any work")

@@ -86,6 +86,7 @@ class Finish:
     delay_s: float
     reason: str | None
     completed: Completed | None = None
+    need_bytes: int | None = None  # what the cell estimated it needs (its Need record), if it said
 
 
 class Observer(Protocol):

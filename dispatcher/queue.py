@@ -155,7 +155,7 @@ class PostgresQueue(QueueReads):
                       peak_memory_bytes=e.peak_memory_bytes, duration_s=result.duration_s,
                       # a succeeded job's last stderr line is progress, not a reason
                       error=None if result.outcome is Outcome.SUCCEEDED else e.reason or None,
-                      log_tail=e.log_tail or None)
+                      log_tail=e.log_tail or None, need_bytes=result.need_bytes)
             done = result.completed
             if done is not None:
                 self.db.one(conn, "complete", job_id=result.job_id, media_type=done.media_type,

@@ -54,6 +54,9 @@ class Settings(BaseSettings, JobOptions):
     tmpfs_size: str = Field(default="64m", pattern=r"^\d+[kmg]$")
     scratch_size: str = Field(default="512m", pattern=r"^\d+[kmg]$")  # capped, noexec; counts against memory
     job_cpus: float | None = Field(default=None, gt=0)
+    # A cell that estimates, once its document is validated, that it needs more than its cap stops before any
+    # work and moves to the tier that holds the estimate (no OOM on the way); off: it runs until its cap says
+    sizing: bool = True
     # and every field of JobOptions (JOBCELL_DPI, JOBCELL_MAX_PAGES, ...): what every cell is told
     llm_model: str = "gpt-4o-mini"  # the manifest step, on the trusted side, when OPENAI_API_KEY is set
     store_dir: str = "var/store"

@@ -36,6 +36,7 @@ class Attempt:
     exit_code: int | None = None
     oom_killed: bool | None = None
     peak_memory_bytes: int | None = None
+    need_bytes: int | None = None  # the cell's own estimate, sent once its document was validated
     duration_s: float | None = None
     kill_reason: str | None = None
     error: str | None = None

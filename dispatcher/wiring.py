@@ -161,7 +161,7 @@ def build_dispatcher(s: Settings, migrate: bool = False, observer: PrometheusObs
         others = [build_runtime(s, queue_id, store, client, name) for name in s.runtimes()[1:]]
         runtime = RoutedRuntime(runtime, others, table)
     config = LoopConfig(owner=s.dispatcher_id, pool=s.pool, budget_bytes=budget, budgets=budgets,
-                        cpu_budget=cpu_budget,
+                        cpu_budget=cpu_budget, sizing=s.sizing,
                         poll_s=s.poll_interval_s,
                         heartbeat_s=s.lease_ttl_s / 3, reconcile_s=max(2.0, s.lease_ttl_s / 6),
                         backoff=Backoff(s.backoff_exponent, s.backoff_cap_s), job_options=s.job_options(),

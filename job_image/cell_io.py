@@ -17,6 +17,7 @@ from .contract import (
     BadInput,
     Done,
     Header,
+    Need,
     Peak,
     TempFail,
     encode,
@@ -81,6 +82,7 @@ class Channel:
 
     def __init__(self, header: Header, out: BinaryIO | None = None) -> None:
         self.job, self.attempt = header.job_id, header.attempt
+        self.limit_bytes, self.larger_tier = header.memory_limit_bytes, header.larger_tier
         if out is None:
             out = os.fdopen(os.dup(1), "wb", buffering=0)
             os.dup2(2, 1)
@@ -92,6 +94,16 @@ class Channel:
 
     def peak(self, peak_bytes: int) -> None:
         self.emit(Peak(job=self.job, attempt=self.attempt, bytes=peak_bytes))
+
+    def need(self, need_bytes: int, why: str) -> bool:
+        """Tell the dispatcher what this cell estimates it needs; True if that is over its cap and a larger tier
+        exists, so that it should stop now and be moved, rather than run into its cap part way."""
+        self.emit(Need(job=self.job, attempt=self.attempt, bytes=need_bytes))
+        if not (self.larger_tier and self.limit_bytes and need_bytes > self.limit_bytes):
+            return False
+        print(f"needs about {need_bytes / 2**20:.0f} MiB ({why}), over its {self.limit_bytes / 2**20:.0f} MiB cap: "
+              "asking for a larger tier", file=sys.stderr, flush=True)
+        return True
 
     def done(self) -> None:
         self.emit(Done(job=self.job, attempt=self.attempt))

@@ -28,6 +28,9 @@ EXIT_ERROR = 1  # unexpected: retried on the same tier
 EXIT_BAD_INPUT = 65  # EX_DATAERR: permanent, never retried; the last stderr line is the reason
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: retried on the same tier
 EXIT_NO_MEMORY = 86  # the cell's own report of running out of memory
+# The cell foresaw, before any heavy work, that its largest page needs more memory than its cap (its `Need`
+# record says how much): moved at once to the smallest tier that holds the need, with no OOM on the way
+EXIT_NEEDS_MORE = 87
 EXIT_SIGKILL = 137
 
 ENV_HEADER = "JOBCELL_HEADER"
@@ -82,6 +85,9 @@ class Header(_Strict):
     # The CPUs the dispatcher's admission counted this cell for: it runs no more OCR workers than that. None:
     # nothing counts them, so it may use every CPU it can see
     cpus: float | None = Field(default=None, gt=0)
+    # A tier with more memory exists above this one: a cell whose need exceeds its cap may stop and ask for it
+    # (EXIT_NEEDS_MORE); on the top tier (or from a dispatcher that does not say) it tries anyway
+    larger_tier: bool = False
 
 
 # -- what a cell emits --------------------------------------------------------------------------------------
@@ -137,13 +143,21 @@ class Peak(_Record):
     bytes: int = Field(ge=0)
 
 
+class Need(_Record):
+    """Sent once, after the document is validated and before any page: the memory the cell estimates it needs
+    with one page worker (its largest page's pixels at the measured bytes per pixel, plus its fixed cost)."""
+
+    type: Literal["need"] = "need"
+    bytes: int = Field(ge=0)
+
+
 class Done(_Record):
     """The last record of a successful run."""
 
     type: Literal["done"] = "done"
 
 
-Record = Annotated[DocumentInfo | PageResult | Peak | Done, Field(discriminator="type")]
+Record = Annotated[DocumentInfo | Need | PageResult | Peak | Done, Field(discriminator="type")]
 RECORD: TypeAdapter[Record] = TypeAdapter(Record)
 
 

@@ -7,15 +7,17 @@ import time
 from typing import Any
 
 from .cell_io import Channel
-from .contract import EXIT_OK, BadInput, DocumentInfo
+from .contract import EXIT_NEEDS_MORE, EXIT_OK, BadInput, DocumentInfo
 
 _STEP = 8 * 1024 * 1024
 
 
 def run(params: dict[str, Any], channel: Channel) -> int:
-    unknown = set(params) - {"alloc_mib", "sleep_s", "exit_code", "message", "step_sleep_s"}
+    unknown = set(params) - {"alloc_mib", "sleep_s", "exit_code", "message", "step_sleep_s", "need_mib"}
     if unknown:
         raise BadInput(f"diagnostic workload: unknown parameters {sorted(unknown)}")
+    if "need_mib" in params and channel.need(int(float(params["need_mib"]) * 1024 * 1024), "as told"):
+        return EXIT_NEEDS_MORE
     held = []
     remaining = int(float(params.get("alloc_mib", 0)) * 1024 * 1024)
     while remaining > 0:

@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .cell_io import Channel
-from .contract import EXIT_OK, BadInput, DocumentInfo, Header, JobOptions, PageResult, Word
+from .contract import EXIT_NEEDS_MORE, EXIT_OK, BadInput, DocumentInfo, Header, JobOptions, PageResult, Word
 from .ocr import PageText, ocr
 from .pages import pending, render
-from .resources import cpus, workers
+from .resources import cpus, need_bytes, workers
 from .validate import Document, Limits, Page, inspect
 
 
@@ -37,6 +37,10 @@ def run(header: Header, document: Path, channel: Channel, scratch: Path) -> int:
                               pages=len(doc.pages)))
     done = set(header.done_pages)
     todo = list(pending(doc, done))
+    largest = max(todo, key=lambda p: p.width * p.height, default=None)
+    why = f"page {largest.number} is {largest.width} x {largest.height} px" if largest else "no page left"
+    if channel.need(need_bytes(tuple(todo)), why):
+        return EXIT_NEEDS_MORE  # before any page is rendered: nothing to undo, nothing to resume
     n = workers(doc.pages, header.memory_limit_bytes, o.ocr_workers or cpus(header.cpus))
     pages = f"{len(doc.pages)} page{'s' if len(doc.pages) != 1 else ''}"
     print(f"{doc.media_type}, {pages}, {len(done & {p.number for p in doc.pages})} already stored, "

@@ -13,6 +13,19 @@ BASE_BYTES = 80 * 1024 * 1024
 BYTES_PER_PIXEL = 12
 
 
+# What a cell needs with one page worker, for sizing (contract.Need): fitted to peaks measured in the job image
+# under its cgroup (corpus pages of 0.3 to 36 Mpx peaked at 41 to 249 MiB: about 40 MiB plus 5 to 7 bytes a pixel
+# for PDF pages rendered to scratch), rounded up so that it errs towards the larger tier.
+NEED_BASE_BYTES = 48 * 1024 * 1024
+NEED_BYTES_PER_PIXEL = 8
+
+
+def need_bytes(pages: tuple[Page, ...]) -> int:
+    """The memory one page worker needs for the largest of `pages`."""
+    largest = max((p.width * p.height for p in pages), default=0)
+    return NEED_BASE_BYTES + largest * NEED_BYTES_PER_PIXEL
+
+
 def cpu_count() -> int:
     """CPUs this container may use: the CFS quota if one is set, else the affinity mask."""
     n = len(os.sched_getaffinity(0))

@@ -44,9 +44,12 @@ echo "== submitting ${#docs[@]} documents; the last three must be refused, each 
 $jobcell submit --wait "${docs[@]/#/$corpus/}" | tee var/demo/result.txt || true
 
 echo
-echo "== the document that outgrew its tier"
+echo "== the document that needs a larger tier: its cell said so before rendering a page, and moved (no OOM)"
 enormous=$(grep -m1 'ocrmypdf-enormous.pdf' var/demo/result.txt | awk '{print $2}' | tr -d ':')
 $jobcell show "$enormous"
+echo
+echo "== a cell that outgrows its cap with no warning (allocates 300 MiB on the 192 MiB tier): the kernel kills it"
+$jobcell submit --wait --diag alloc_mib=300 | tee -a var/demo/result.txt || true
 echo
 echo "(dispatcher log: var/demo/dispatcher.log)"
 
@@ -60,12 +63,16 @@ want = {"tesseract-phototest.tif": "succeeded", "tesseract-eurotext.tif": "succe
         "pdf2image-test_corrupted.pdf": "failed", "pdf2image-test_locked_user_only.pdf": "failed",
         "ocrmypdf-hugemono.pdf": "failed"}
 with psycopg.connect(os.environ["JOBCELL_DATABASE_URL"]) as c:
+    want["diag:alloc_mib=300"] = "succeeded"  # 300 MiB: killed on small (192 MiB), succeeds on medium
     got = {os.path.basename(s): (st, n) for s, st, n in c.execute("SELECT source, state, attempt FROM jobs")}
     escalated = c.execute("SELECT count(*) FROM job_attempts WHERE outcome = 'oom'").fetchone()[0]
+    moved = c.execute("SELECT count(*) FROM job_attempts WHERE outcome = 'needs_more'").fetchone()[0]
 wrong = {k: got.get(k) for k, v in want.items() if got.get(k, ("missing",))[0] != v}
 refused_twice = [k for k, v in want.items() if v == "failed" and got[k][1] != 1]
-if wrong or refused_twice or not escalated:
-    print(f"demo FAILED: unexpected {wrong}, retried bad input {refused_twice}, oom attempts {escalated}")
+if wrong or refused_twice or not escalated or not moved:
+    print(f"demo FAILED: unexpected {wrong}, retried bad input {refused_twice}, oom attempts {escalated}, "
+          f"moved by their own estimate {moved}")
     sys.exit(1)
-print(f"demo OK: 6 documents OCR'd, 3 refused after one attempt each, {escalated} OOM kill(s) escalated")
+print(f"demo OK: 6 documents OCR'd, 3 refused after one attempt each, {moved} moved up before any work by their "
+      f"own estimate, {escalated} OOM kill(s) escalated")
 PY

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from job_image.contract import DocumentInfo, Done, Peak, encode
+from job_image.contract import DocumentInfo, Done, Need, Peak, encode
 
 from . import fake_http
 
@@ -76,13 +76,16 @@ class SimJob:
         params = header.get("params") or {}
         limit = int(self.container()["resources"]["limits"]["memory"])
         used = int(float(params.get("alloc_mib", 0)) * MIB) + 15 * MIB
-        oom = used > limit
+        need = int(float(params["need_mib"]) * MIB) if "need_mib" in params else None
+        asks = need is not None and bool(header.get("larger_tier")) and need > limit  # stops before allocating
+        oom = used > limit and not asks
         stuck = self.missing_secret is not None
         self.plan = {
             "start": self.created + 0.2,
             "end": float("inf") if stuck else
-            self.created + 0.2 + (0.3 if oom else float(params.get("sleep_s", 0)) + 0.1),
-            "oom": oom, "exit": 137 if oom else int(params.get("exit_code", 0)),
+            self.created + 0.2 + (0.3 if oom or asks else float(params.get("sleep_s", 0)) + 0.1),
+            "oom": oom, "exit": 87 if asks else 137 if oom else int(params.get("exit_code", 0)),
+            "need": need, "asks": asks,
             "message": params.get("message", ""), "peak": min(used, limit), "alloc_mib": params.get("alloc_mib", 0),
             "deadline": self.created + float(self.manifest["spec"].get("activeDeadlineSeconds", 1e9)),
             "job": int(header.get("job_id", 0)), "attempt": int(header.get("attempt", 1)),
@@ -150,7 +153,10 @@ class SimJob:
         if not self.started(now) or p["oom"]:
             return ""  # an OOM kill comes during the allocation, before the first line
         tag = {"job": p["job"], "attempt": p["attempt"]}
-        lines = [f"allocated {int(float(p['alloc_mib']))} MiB\n"]
+        told = [encode(Need(**tag, bytes=p["need"])).decode()] if p["need"] is not None else []
+        if p["asks"]:
+            return "".join([*told, f"needs about {p['need'] // MIB} MiB (as told): asking for a larger tier\n"])
+        lines = [*told, f"allocated {int(float(p['alloc_mib']))} MiB\n"]
         if now >= p["end"]:
             if p["message"]:
                 lines.append(f"{p['message']}\n")

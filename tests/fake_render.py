@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from job_image.contract import DocumentInfo, Done, Peak, encode
+from job_image.contract import DocumentInfo, Done, Need, Peak, encode
 
 from . import fake_http
 
@@ -74,12 +74,15 @@ class FakeRender:
         params = header.get("params") or {}
         memory = self.plan_memory[body["planId"]]
         used = int(float(params.get("alloc_mib", 0)) * MIB) + 15 * MIB
-        oom = used > memory
+        need = int(float(params["need_mib"]) * MIB) if "need_mib" in params else None
+        asks = need is not None and bool(header.get("larger_tier")) and need > memory  # stops before allocating
+        oom = used > memory and not asks
         job = {"id": f"job-{uuid.uuid4().hex[:20]}", "serviceId": self.service_id,
                "startCommand": body["startCommand"], "planId": body["planId"], "createdAt": _ts(now)}
         self.jobs[job["id"]] = {"job": job, "start": now + 0.2, "memory": memory, "oom": oom, "peak": min(used, memory),
-                                "end": now + 0.2 + (0.3 if oom else float(params.get("sleep_s", 0)) + 0.1),
-                                "exit": 137 if oom else int(params.get("exit_code", 0)), "canceled_at": None,
+                                "end": now + 0.2 + (0.3 if oom or asks else float(params.get("sleep_s", 0)) + 0.1),
+                                "exit": 87 if asks else 137 if oom else int(params.get("exit_code", 0)),
+                                "canceled_at": None, "need": need, "asks": asks,
                                 "params": params, "tag": {"job": int(header.get("job_id", 0)),
                                                           "attempt": int(header.get("attempt", 1))}}
         return self._view(job["id"], now)
@@ -104,7 +107,11 @@ class FakeRender:
         if s["oom"] or (s["canceled_at"] is not None and s["canceled_at"] < s["start"]):
             return []  # killed during its allocation (or before it ran), before its first line
         start, end = s["start"], s["canceled_at"] or s["end"]
-        lines = [(start + 0.01, f"allocated {int(float(s['params'].get('alloc_mib', 0)))} MiB")]
+        told = [(start + 0.005, encode(Need(**s["tag"], bytes=s["need"])).decode().rstrip("\n"))] \
+            if s["need"] is not None else []
+        if s["asks"]:
+            return [*told, (start + 0.01, f"needs about {s['need'] // MIB} MiB (as told): asking for a larger tier")]
+        lines = [*told, (start + 0.01, f"allocated {int(float(s['params'].get('alloc_mib', 0)))} MiB")]
         if s["canceled_at"] is None:
             if s["params"].get("message"):
                 lines.append((end - 0.03, str(s["params"]["message"])))

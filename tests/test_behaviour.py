@@ -45,6 +45,17 @@ def test_oom_on_small_is_retried_on_medium_and_succeeds(queue, start_dispatcher,
         assert 100 * MIB < attempts[1].peak_memory_bytes <= 160 * MIB
 
 
+def test_a_cell_that_needs_more_moves_to_the_tier_that_holds_it_with_no_oom(queue, start_dispatcher, any_runtime):
+    job = diag(queue, need_mib=200, alloc_mib=120)  # medium (160 MiB) would not hold it: straight to large
+    start_dispatcher(rt=any_runtime)
+    [j] = wait_final(queue, [job])
+    assert j.state is JobState.SUCCEEDED, j.reason
+    attempts = queue.attempts(job)
+    assert [(a.tier, a.outcome, a.exit_code) for a in attempts] == [("small", "needs_more", 87),
+                                                                    ("large", "succeeded", 0)]
+    assert attempts[0].oom_killed is False and attempts[0].need_bytes == 200 * MIB
+
+
 def test_oom_on_the_top_tier_fails_with_the_limit_in_the_reason(queue, start_dispatcher, any_runtime):
     job = diag(queue, alloc_mib=400)
     start_dispatcher(rt=any_runtime)

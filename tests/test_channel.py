@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from dispatcher.channel import ChannelReader, Refused
-from job_image.contract import DocumentInfo, Done, Limits, PageResult, Peak, Word, encode
+from job_image.contract import DocumentInfo, Done, Limits, Need, PageResult, Peak, Word, encode
 
 JOB, ATTEMPT = 7, 2
 
@@ -41,12 +41,19 @@ def test_a_whole_result_in_any_chunking_is_accepted():
     assert r.done and r.incomplete() is None and r.stored == [1, 3] and r.peak_bytes == 123  # type: ignore[attr-defined]
 
 
+def test_the_need_is_taken_once():
+    r = reader()
+    r.feed_all([doc(1), encode(Need(job=JOB, attempt=ATTEMPT, bytes=99 * 2**20)), page(1), DONE])
+    assert r.done and r.need_bytes == 99 * 2**20
+
+
 @pytest.mark.parametrize("stream, says", [
     (doc(1) + page(1, job=8), "a record for job 8 attempt 2; it is job 7 attempt 2"),
     (doc(1) + page(1) + page(2), "page 2 of a document it declared to have 1"),
     (doc(2) + page(1) + page(1), "page 1 twice"),
     (page(1), "a page before declaring its document"),
     (doc(1) + doc(1), "declared its document twice"),
+    (doc(1) + encode(Need(job=JOB, attempt=ATTEMPT, bytes=1)) * 2, "declared its memory need twice"),
     (doc(500), "declared 500 pages; at most 100"),
     (doc(2) + page(1) + DONE, "claimed to be done with 1 page(s) never emitted"),
     (doc(1) + page(1) + DONE + page(1), "after its done record"),

@@ -169,6 +169,7 @@ def test_parse_bytes():
     (Exit(None, lost=True), None, Outcome.LOST),
     (Exit(None, deadline_exceeded=True), None, Outcome.TIMEOUT),  # Kubernetes' activeDeadlineSeconds
     (Exit(2), None, Outcome.ERROR),
+    (Exit(87), None, Outcome.NEEDS_MORE),  # its own estimate, before any work: not an OOM
 ])
 def test_classify(exit, killed_by, outcome):
     assert classify(exit, killed_by) is outcome
@@ -181,6 +182,24 @@ def test_decide_escalates_oom_and_stops_at_the_top():
     assert (d.state, d.tier, d.delay_s) == (JobState.QUEUED, "medium", 0.0)
     d = decide(Outcome.OOM, tier="large", attempt=3, max_attempts=5, table=t, backoff=b)
     assert d.state is JobState.FAILED and d.reason is not None and "needs more than 2048 MiB" in d.reason
+
+
+def test_a_cell_that_needs_more_goes_straight_to_the_tier_that_holds_it():
+    t = load_table(DEFAULT_TABLE)  # 512 MiB, 1 GiB, 2 GiB
+    b = Backoff()
+    d = decide(Outcome.NEEDS_MORE, tier="small", attempt=1, max_attempts=5, table=t, backoff=b,
+               need_bytes=1500 * MIB)
+    assert (d.state, d.tier, d.delay_s) == (JobState.QUEUED, "large", 0.0)  # medium skipped: no OOM climb
+    assert d.reason == "needs about 1.5 GiB for its largest page, over the 'small' tier's 512 MiB: moved to " \
+                       "'large' before any work"
+    assert decide(Outcome.NEEDS_MORE, tier="small", attempt=1, max_attempts=5, table=t, backoff=b,
+                  need_bytes=600 * MIB).tier == "medium"
+    over = decide(Outcome.NEEDS_MORE, tier="small", attempt=1, max_attempts=5, table=t, backoff=b,
+                  need_bytes=9000 * MIB)
+    assert over.tier == "large"  # the estimate errs high: the top tier may still hold it
+    top = decide(Outcome.NEEDS_MORE, tier="large", attempt=2, max_attempts=5, table=t, backoff=b,
+                 need_bytes=9000 * MIB)
+    assert top.state is JobState.FAILED and "the top tier 'large' has 2 GiB" in (top.reason or "")
 
 
 def test_decide_never_retries_bad_input_and_backs_off_errors():

@@ -63,6 +63,16 @@ def test_an_oom_moves_up_a_tier_and_a_bad_input_is_never_retried():
     assert outcomes(q, bad) == [("small", "bad_input")] and q.get(bad).reason == "not a PDF"
 
 
+def test_a_cell_that_foresees_it_needs_more_moves_up_before_any_work_with_no_oom():
+    d, q, _ = make()
+    big, fits = submit(q, need_mib=200, alloc_mib=150), submit(q, need_mib=40, alloc_mib=10)
+    run(d, 5)
+    assert outcomes(q, big) == [("small", "needs_more"), ("large", "succeeded")]  # 200 MiB: past medium's 160
+    assert [a.need_bytes for a in q.attempts(big)] == [200 * MIB, 200 * MIB]
+    assert q.get(big).state is JobState.SUCCEEDED and q.attempts(big)[0].oom_killed is False
+    assert outcomes(q, fits) == [("small", "succeeded")] and q.attempts(fits)[0].need_bytes == 40 * MIB
+
+
 def test_a_sigkill_no_oom_signal_explains_is_lost_and_retried_on_the_same_tier():
     def killed_from_outside(spec: Any, cell: CellInput) -> Script:
         return Script(exit_code=137) if cell.header.attempt == 1 else diag_script(spec, cell)

@@ -44,7 +44,8 @@ class Docs:
         self.queue: PostgresQueue | None = None
 
     def start(self, classes: list[dict[str, Any]] = DEFAULT_LIKE, store: S3Store | None = None,
-              summarise: bool = False, cpu_budget: float | None = None, **options: Any) -> PostgresQueue:
+              summarise: bool = False, cpu_budget: float | None = None, sizing: bool = True,
+              **options: Any) -> PostgresQueue:
         """A dispatcher on sealed cells (network none, no env, no mount); options go into every header."""
         table = load_table(classes)
         self.queue = PostgresQueue(self.db_url, table, lease_ttl_s=10.0)
@@ -55,7 +56,8 @@ class Docs:
         dq = PostgresQueue(self.db_url, table, lease_ttl_s=10.0, give_up_after_s=None)
         cfg = LoopConfig(owner=f"docs-{uuid.uuid4().hex[:4]}", pool=self.pool, budget_bytes=6 * 1024 * MIB,
                          poll_s=0.2, heartbeat_s=3, reconcile_s=2, backoff=Backoff(exponent=0),
-                         job_options=JobOptions(**options), summarise=summarise, cpu_budget=cpu_budget)
+                         job_options=JobOptions(**options), summarise=summarise, cpu_budget=cpu_budget,
+                         sizing=sizing)
         self.running.append(Running(Dispatcher(dq, runtime, table, cfg)))
         return self.queue
 
@@ -187,6 +189,25 @@ def test_a_cpu_budget_runs_one_cell_per_cpu_each_with_one_page_worker(docs):
     first, second = sorted((a for i in ids for a in q.attempts(i)), key=lambda a: a.started_at)
     assert first.finished_at is not None and second.started_at >= first.finished_at  # one after the other
     assert all("1 worker" in (a.log_tail or "") for a in (first, second))  # 6 and 4 pages, one at a time
+
+
+DEMO_LIKE = [dict(c, memory_limit_bytes=m) for c, m in zip(DEFAULT_LIKE, ("192MiB", "512MiB", "1GiB"), strict=True)]
+
+
+def test_a_page_too_large_for_its_tier_moves_up_before_any_work_with_no_oom(docs):
+    q = docs.start(DEMO_LIKE)  # as examples/demo-classes.toml: small 192 MiB, medium 512 MiB
+    enormous, linn = docs.submit(CORPUS / "ocrmypdf-enormous.pdf"), docs.submit(CORPUS / "ocrmypdf-linn.png")
+    jobs = wait_final(q, [enormous, linn], timeout=300)
+    assert all(j.state is JobState.SUCCEEDED for j in jobs), [j.reason for j in jobs]
+    moved, ran = q.attempts(enormous)
+    assert (moved.tier, moved.outcome, moved.oom_killed, ran.tier, ran.outcome) == \
+        ("small", "needs_more", False, "medium", "succeeded")
+    # 6000 x 6000 px: 48 MiB + 8 bytes a pixel, about 323 MiB; it really peaked above small's cap, below medium's
+    assert moved.need_bytes == ran.need_bytes and 320 * MIB < moved.need_bytes < 330 * MIB
+    assert 192 * MIB < ran.peak_memory_bytes <= 512 * MIB
+    assert "over its 192 MiB cap: asking for a larger tier" in (moved.log_tail or "")
+    [small] = q.attempts(linn)  # 2550 x 3300 px: about 112 MiB, held by small
+    assert (small.tier, small.outcome) == ("small", "succeeded") and small.need_bytes < 192 * MIB
 
 
 def pdfunite(client: Any, inputs: list[Path], out: Path) -> Path:

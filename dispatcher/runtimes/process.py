@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from job_image.contract import ENV_SCRATCH, EXIT_BAD_INPUT, EXIT_NO_MEMORY, EXIT_OK, EXIT_SIGKILL
+from job_image.contract import ENV_SCRATCH, EXIT_BAD_INPUT, EXIT_NEEDS_MORE, EXIT_NO_MEMORY, EXIT_OK, EXIT_SIGKILL
 
 from ..models import MIB, Exit, Handle, LaunchSpec
 from ..ports import CellInput
@@ -325,8 +325,8 @@ class ProcessRuntime(RuntimeBase):
         # the cell could read, would be the whole host's). A SIGKILL with no marker is nobody's OOM: lost.
         peak = Cgroups.peak(cgroup) if cgroup is not None else _own_peak(unit)
         watchdog = _read(unit / "cap") == "watchdog" and not (unit / "killed").exists()
-        if watchdog and (code == EXIT_NO_MEMORY or (code not in (EXIT_OK, EXIT_BAD_INPUT) and peak and limit
-                                                    and peak > limit)):
+        ended_by_itself = code in (EXIT_OK, EXIT_BAD_INPUT, EXIT_NEEDS_MORE)
+        if watchdog and (code == EXIT_NO_MEMORY or (not ended_by_itself and peak and limit and peak > limit)):
             # RLIMIT_DATA, this runtime's own backstop, refused an allocation between two samples: the cell ran
             # out of memory (its exit 86), or was seen past its limit and then failed however its process put it
             # (tesseract's abort, a segfault). Either way its cap stopped it: oom (the loop records the limit).

@@ -73,7 +73,7 @@ RETURNING id;
 UPDATE job_attempts
 SET finished_at = now(), outcome = %(outcome)s, exit_code = %(exit_code)s, oom_killed = %(oom_killed)s,
     peak_memory_bytes = %(peak_memory_bytes)s, duration_s = %(duration_s)s, error = %(error)s,
-    log_tail = %(log_tail)s
+    log_tail = %(log_tail)s, need_bytes = %(need_bytes)s
 WHERE job_id = %(job_id)s AND attempt = %(attempt)s AND outcome IS NULL;
 
 -- name: adopt
