@@ -18,6 +18,7 @@ from typing import Any
 
 from jobcell import Client, __version__
 
+from .calibrate import recommend, to_toml
 from .classes import SizeClassTable, format_bytes, parse_seconds
 from .errors import JobcellError, NotFound
 from .models import ALL_TIERS, Job, JobState, NewJob
@@ -56,6 +57,8 @@ def _input_size(n: int) -> str:
 
 def cmd_classes(s: Settings, a: argparse.Namespace) -> int:
     t = s.table()
+    if a.recommend or a.write:
+        return _recommend(s, t, a)
     if a.json:
         print(json.dumps([c.model_dump() for c in t.classes], indent=2))
         return 0
@@ -63,6 +66,39 @@ def cmd_classes(s: Settings, a: argparse.Namespace) -> int:
              format_bytes(c.memory_limit_bytes), c.max_running, f"{c.cpus:g}", _minutes(c.timeout_s))
             for c in t.classes]
     print(_table(rows, ["class", "input bytes", "memory limit", "max running", "cpus", "timeout"]))
+    return 0
+
+
+def _recommend(s: Settings, t: SizeClassTable, a: argparse.Namespace) -> int:
+    """The table with limits calibrated from the peaks recorded over --since; --write saves it to apply."""
+    try:
+        window_s = parse_seconds(a.since)
+    except ValueError as e:
+        raise JobcellError(f"--since: {e}") from None
+    cal = recommend(t, build_queue(s).peak_samples(window_s))
+    if a.json:
+        print(_json({"classes": [dict(asdict(r), oom_rate=r.oom_rate, frees_bytes=r.frees_bytes) for r in cal.classes],
+                     "median_peak_bytes": cal.median_peak, "median_reserved_now_bytes": cal.median_reserved_now,
+                     "median_reserved_after_bytes": cal.median_reserved_after,
+                     "table": [c.model_dump() for c in cal.table.classes]}))
+    else:
+        rows = [(r.name, format_bytes(r.limit_bytes), r.attempts, format_bytes(r.peak_p50), format_bytes(r.peak_high),
+                 format_bytes(r.peak_max), format_bytes(r.need_p50), f"{r.oom_rate:.1%}", r.moved_up,
+                 format_bytes(r.recommended_bytes), format_bytes(r.frees_bytes), r.note) for r in cal.classes]
+        print(_table(rows, ["class", "limit", "attempts", "peak p50", "p95", "max", "need p50", "oom", "moved up",
+                            "recommended", "frees/job", "why"]))
+        if cal.median_peak:
+            now, after = cal.median_reserved_now or 0, cal.median_reserved_after or 0
+            print(f"\nmedian succeeded attempt: peak {format_bytes(cal.median_peak)}, reserved "
+                  f"{format_bytes(now)} ({now / cal.median_peak:.1f}x) now, {format_bytes(after)} "
+                  f"({after / cal.median_peak:.1f}x) with the recommended table")
+        else:
+            print(f"\nno attempt ran to its end in the last {a.since}: nothing to learn from yet")
+    if a.write:
+        with open(a.write, "w") as f:
+            f.write(to_toml(cal.table))
+        print(f"wrote {a.write}: apply it with JOBCELL_CLASSES_FILE={a.write} (every dispatcher of the queue)",
+              file=sys.stderr if a.json else sys.stdout)
     return 0
 
 
@@ -497,8 +533,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"jobcell {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="create or upgrade the queue schema (idempotent)").set_defaults(fn=cmd_migrate)
-    c = sub.add_parser("classes", help="print the size-class table")
+    c = sub.add_parser("classes", help="print the size-class table, or one calibrated from recorded peaks")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--recommend", action="store_true",
+                   help="per class: recorded peaks, OOM rate, and the limit they call for (reads the queue)")
+    c.add_argument("--since", default="30d", metavar="AGE", help="--recommend: attempts of this period (30d)")
+    c.add_argument("--write", metavar="FILE", help="--recommend, and save the table as TOML for JOBCELL_CLASSES_FILE")
     c.set_defaults(fn=cmd_classes)
     sm = sub.add_parser("submit", help="store documents and enqueue one job each")
     sm.add_argument("paths", nargs="*", metavar="PATH|s3://bucket/key")

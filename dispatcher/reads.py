@@ -12,6 +12,7 @@ from .views import (
     DispatcherSeen,
     JobSummary,
     MemorySpan,
+    PeakSample,
     Prunable,
     RunningJob,
     StateCount,
@@ -79,6 +80,10 @@ class QueueReads:
         """The attempts that held memory in the last window_s seconds, oldest first."""
         return [from_row(MemorySpan, r) for r in self.db.fetch_all("budget_history", window_s=window_s,
                                                                     limit=limit)]
+
+    def peak_samples(self, window_s: float, limit: int = 200_000) -> list[PeakSample]:
+        """Attempts that ended on their own in the last window_s seconds: what calibrates the class table."""
+        return [from_row(PeakSample, r) for r in self.db.fetch_all("peak_samples", window_s=window_s, limit=limit)]
 
     def recent_timings(self, limit: int) -> list[Timing]:
         """The latest jobs that have run, newest first: their attempts' run time and submit-to-end time."""

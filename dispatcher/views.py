@@ -147,3 +147,14 @@ class Timing:
     size_class: str
     run_s: float | None
     total_s: float | None
+
+
+@dataclass(frozen=True)
+class PeakSample:
+    """One attempt that ran to its own end (succeeded, oom, needs_more): what `classes --recommend` learns from."""
+
+    tier: str
+    outcome: str
+    memory_limit_bytes: int
+    peak_memory_bytes: int | None
+    need_bytes: int | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -423,3 +424,28 @@ def test_plain_progress_gives_an_eta_from_the_pages_seen_arriving():
     assert rate.eta_s(7, 20, 100) == pytest.approx(80.0)  # 10 pages in 10 s, 80 to go
     assert cli._eta(rate.eta_s(7, 40, 100)) == ", about 40 s left"  # 30 pages in 20 s, 60 to go
     assert cli._eta(600.0) == ", about 10 min left" and cli._eta(None) == ""
+
+
+def test_classes_recommend_calibrates_from_recorded_peaks_and_writes_a_table(cli_env, queue, tmp_path):
+    from dispatcher.models import MIB, Exit, Outcome
+    from dispatcher.ports import Finish
+
+    from .conftest import diag
+
+    for i in range(25):  # medium (160 MiB) attempts that peaked at 40 to 64 MiB, recorded by the real queue
+        job = diag(queue, size_class="medium")
+        [c] = queue.claim("d", "p", 4096 * MIB, 1)
+        ended = Exit(0, peak_memory_bytes=(40 + i) * MIB)
+        assert queue.finish("d", Finish(job, c.job.attempt, Outcome.SUCCEEDED, ended, 1.0, "succeeded", "medium", 0.0,
+                                        None, need_bytes=(50 + i) * MIB))
+    out = jobcell("classes", "--recommend", "--write", str(tmp_path / "calibrated.toml"), env=cli_env)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:4]}
+    assert rows["medium"][:3] == ["medium", "160", "MiB"] and "80 MiB" in out.stdout  # p95 63 MiB x 1.2, rounded up
+    assert "fewer than 20" in " ".join(rows["small"])  # no evidence: kept
+    assert "median succeeded attempt: peak 52 MiB, reserved 160 MiB (3.1x) now, 80 MiB (1.5x)" in out.stdout
+    applied = jobcell("classes", "--json", env=dict(cli_env, JOBCELL_CLASSES="",
+                                                    JOBCELL_CLASSES_FILE=str(tmp_path / "calibrated.toml")))
+    assert [c["memory_limit_bytes"] // MIB for c in json.loads(applied.stdout)] == [64, 80, 256]
+    bad = jobcell("classes", "--recommend", "--since", "soon", env=cli_env)
+    assert bad.returncode == 2 and "--since: 'soon' is not a duration" in bad.stderr

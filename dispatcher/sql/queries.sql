@@ -320,3 +320,13 @@ DELETE FROM webhook_outbox WHERE id = %(id)s;
 UPDATE webhook_outbox SET next_at = now() + make_interval(secs => %(delay_s)s), last_error = %(error)s
 WHERE id = %(id)s;
 
+
+-- name: peak_samples
+-- `jobcell classes --recommend`: every attempt that ran to its own end in the window, with the memory it was
+-- given, what it peaked at and what its cell estimated it needs.
+SELECT a.tier, a.outcome, a.memory_limit_bytes, a.peak_memory_bytes, a.need_bytes
+FROM job_attempts a
+WHERE a.finished_at > now() - make_interval(secs => %(window_s)s)
+  AND a.outcome IN ('succeeded', 'oom', 'needs_more')
+ORDER BY a.finished_at
+LIMIT %(limit)s;

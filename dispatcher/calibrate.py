@@ -1,0 +1,136 @@
+"""A size-class table calibrated from recorded peaks (`jobcell classes --recommend`). Pure: samples in, table out.
+
+Limits set by input bytes reserve far more than jobs use (1-page documents peaking at 40 to 110 MiB in 512 MiB
+slots). Each class's limit is brought down to what its succeeded attempts really peaked at (a high percentile,
+with headroom), never raised, and kept where the evidence is thin or the class already runs out of memory. The
+sizing step catches what such a limit misses: a cell whose own estimate is over its cap moves up before any work.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .classes import SizeClassTable, format_bytes
+from .models import MIB
+from .views import PeakSample
+
+
+@dataclass(frozen=True)
+class Policy:
+    percentile: float = 95.0  # of the class's succeeded peaks
+    headroom: float = 1.2  # times that percentile
+    step_bytes: int = 16 * MIB  # limits are rounded up to this
+    floor_bytes: int = 64 * MIB
+    min_samples: int = 20  # fewer succeeded attempts than this: the class is kept as it is
+    max_oom_rate: float = 0.05  # a class that OOMs more often is kept (it needs more, not less)
+
+
+@dataclass(frozen=True)
+class ClassReport:
+    name: str
+    limit_bytes: int
+    attempts: int
+    succeeded: int
+    oom: int
+    moved_up: int  # needs_more: the cell's estimate was over this class's cap
+    peak_p50: int | None
+    peak_high: int | None  # the policy's percentile
+    peak_max: int | None
+    need_p50: int | None
+    recommended_bytes: int
+    note: str
+
+    @property
+    def oom_rate(self) -> float:
+        return self.oom / self.attempts if self.attempts else 0.0
+
+    @property
+    def frees_bytes(self) -> int:
+        """Memory each running job of this class would no longer hold."""
+        return self.limit_bytes - self.recommended_bytes
+
+
+@dataclass(frozen=True)
+class Calibration:
+    classes: list[ClassReport]
+    table: SizeClassTable
+    median_peak: int | None  # over every succeeded attempt
+    median_reserved_now: int | None  # the limits those attempts ran with
+    median_reserved_after: int | None  # the recommended limits of their classes
+
+
+def recommend(table: SizeClassTable, samples: Iterable[PeakSample], policy: Policy | None = None) -> Calibration:
+    p = policy or Policy()
+    by_tier: dict[str, list[PeakSample]] = {c.name: [] for c in table.classes}
+    for s in samples:
+        if s.tier in by_tier:  # a class renamed or removed since says nothing about today's
+            by_tier[s.tier].append(s)
+    reports: list[ClassReport] = []
+    floor = 0
+    for c in table.classes:
+        report = _one(c.name, c.memory_limit_bytes, by_tier[c.name], p, floor)
+        reports.append(report)
+        floor = report.recommended_bytes
+    new = table.model_copy(update={"classes": [c.model_copy(update={"memory_limit_bytes": r.recommended_bytes})
+                                               for c, r in zip(table.classes, reports, strict=True)]})
+    limits = {r.name: (r.limit_bytes, r.recommended_bytes) for r in reports}
+    won = [s for ss in by_tier.values() for s in ss if s.outcome == "succeeded" and s.peak_memory_bytes]
+    return Calibration(reports, SizeClassTable.model_validate(new.model_dump()),
+                       _median([s.peak_memory_bytes or 0 for s in won]),
+                       _median([s.memory_limit_bytes for s in won]),
+                       _median([limits[s.tier][1] for s in won]))
+
+
+def _one(name: str, limit: int, samples: Sequence[PeakSample], p: Policy, floor: int) -> ClassReport:
+    peaks = sorted(s.peak_memory_bytes for s in samples if s.outcome == "succeeded" and s.peak_memory_bytes)
+    needs = [s.need_bytes for s in samples if s.need_bytes]
+    oom = sum(s.outcome == "oom" for s in samples)
+    moved = sum(s.outcome == "needs_more" for s in samples)
+    high = _percentile(peaks, p.percentile)
+    if len(peaks) < p.min_samples:
+        rec, note = limit, f"kept: {len(peaks)} succeeded attempts, fewer than {p.min_samples}"
+    elif samples and oom / len(samples) > p.max_oom_rate:
+        rec, note = limit, f"kept: {oom / len(samples):.0%} of its attempts ran out of memory"
+    else:
+        assert high is not None
+        fit = max(p.floor_bytes, math.ceil(high * p.headroom / p.step_bytes) * p.step_bytes)
+        rec = min(limit, fit)
+        note = (f"p{p.percentile:g} peak {format_bytes(high)} x {p.headroom:g}" if rec < limit
+                else "kept: its peaks already need its limit")
+    if rec <= floor:  # limits must grow, so that an OOM retry always gets more
+        rec, note = min(limit, floor + p.step_bytes), note + "; raised above the class below"
+    return ClassReport(name, limit, len(samples), len(peaks), oom, moved, _median(peaks), high,
+                       peaks[-1] if peaks else None, _median(needs), rec, note)
+
+
+def _percentile(sorted_values: Sequence[int], q: float) -> int | None:
+    if not sorted_values:
+        return None
+    k = min(len(sorted_values) - 1, max(0, math.ceil(q / 100 * len(sorted_values)) - 1))  # nearest rank
+    return sorted_values[k]
+
+
+def _median(values: Sequence[int]) -> int | None:
+    return int(statistics.median(values)) if values else None
+
+
+def to_toml(table: SizeClassTable) -> str:
+    """The table as a JOBCELL_CLASSES_FILE: sizes in bytes, every field written out."""
+    out = ["# Written by `jobcell classes --recommend --write`: the current table with its memory limits",
+           "# calibrated from recorded peaks. Point JOBCELL_CLASSES_FILE at it to apply it.", ""]
+    for c in table.classes:
+        out.append("[[classes]]")
+        out.append(f'name = "{c.name}"')
+        if c.max_input_bytes is not None:
+            out.append(f"max_input_bytes = {c.max_input_bytes}")
+        out.append(f"memory_limit_bytes = {c.memory_limit_bytes}  # {format_bytes(c.memory_limit_bytes)}")
+        out.append(f"max_running = {c.max_running}")
+        out.append(f"timeout_s = {c.timeout_s:g}")
+        out.append(f"cpus = {c.cpus:g}")
+        if c.runtime is not None:
+            out.append(f'runtime = "{c.runtime}"')
+        out.append("")
+    return "\n".join(out)
