@@ -26,6 +26,10 @@ class Policy:
     floor_bytes: int = 64 * MIB
     min_samples: int = 20  # fewer succeeded attempts than this: the class is kept as it is
     max_oom_rate: float = 0.05  # a class that OOMs more often is kept (it needs more, not less)
+    # With the sizing step on, an attempt whose own estimate is over the limit moves up before any work: the
+    # limit need only hold the attempts whose estimates fit it, as long as at most this share would move
+    sizing: bool = True
+    max_moved: float = 0.10
 
 
 @dataclass(frozen=True)
@@ -95,15 +99,28 @@ def _one(name: str, limit: int, samples: Sequence[PeakSample], p: Policy, floor:
     elif samples and oom / len(samples) > p.max_oom_rate:
         rec, note = limit, f"kept: {oom / len(samples):.0%} of its attempts ran out of memory"
     else:
-        assert high is not None
-        fit = max(p.floor_bytes, math.ceil(high * p.headroom / p.step_bytes) * p.step_bytes)
-        rec = min(limit, fit)
-        note = (f"p{p.percentile:g} peak {format_bytes(high)} x {p.headroom:g}" if rec < limit
-                else "kept: its peaks already need its limit")
+        rec, note = _fit(limit, [(s.peak_memory_bytes, s.need_bytes) for s in samples
+                                 if s.outcome == "succeeded" and s.peak_memory_bytes], p)
     if rec <= floor:  # limits must grow, so that an OOM retry always gets more
         rec, note = min(limit, floor + p.step_bytes), note + "; raised above the class below"
     return ClassReport(name, limit, len(samples), len(peaks), oom, moved, _median(peaks), high,
                        peaks[-1] if peaks else None, _median(needs), rec, note)
+
+
+def _fit(limit: int, ran: Sequence[tuple[int, int | None]], p: Policy) -> tuple[int, str]:
+    """The smallest limit (in steps, from the floor up to today's) that holds the p-th percentile peak, with
+    headroom, of the attempts that would stay in the class: with sizing, those whose estimate fits the limit
+    (at most max_moved of them may move up); without, all of them."""
+    for candidate in range(p.floor_bytes, limit + 1, p.step_bytes):
+        stay = sorted(peak for peak, need in ran if not (p.sizing and need and need > candidate))
+        moved = len(ran) - len(stay)
+        if moved > p.max_moved * len(ran):
+            continue
+        high = _percentile(stay, p.percentile)
+        if high is not None and high * p.headroom <= candidate:
+            why = f"p{p.percentile:g} peak {format_bytes(high)} x {p.headroom:g}"
+            return candidate, why + (f"; {moved} of {len(ran)} would move up by their estimate" if moved else "")
+    return limit, "kept: its peaks already need its limit"
 
 
 def _percentile(sorted_values: Sequence[int], q: float) -> int | None:

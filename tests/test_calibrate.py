@@ -51,3 +51,15 @@ def test_the_written_table_loads_as_a_classes_file(tmp_path):
     f = tmp_path / "classes.toml"
     f.write_text(to_toml(cal.table))
     assert load_table_from(None, str(f)) == cal.table
+
+
+def test_with_sizing_the_few_whose_estimate_is_over_the_limit_move_up_instead_of_setting_it():
+    pages = [ok("small", 40 + 2 * i, 512, need_mib=50 + 2 * i) for i in range(30)]  # peaks 40..98 MiB
+    huge = [ok("small", 248, 512, need_mib=323) for _ in range(2)]  # a 6000 x 6000 px page each
+    [s, *_] = recommend(TABLE, pages + huge).classes
+    assert s.recommended_bytes == 128 * MIB  # p95 of those that stay, 98 MiB x 1.2; the two move up first
+    assert "2 of 32 would move up by their estimate" in s.note
+    [without, *_] = recommend(TABLE, pages + huge, Policy(sizing=False)).classes
+    assert without.recommended_bytes == 304 * MIB  # with no sizing step, the limit must hold them: 248 x 1.2
+    many = pages + [ok("small", 248, 512, need_mib=323) for _ in range(6)]  # 6 of 36: over 10% would move
+    assert recommend(TABLE, many).classes[0].recommended_bytes == 336 * MIB  # just above their estimate: they stay
