@@ -74,33 +74,53 @@ def recommend(table: SizeClassTable, samples: Iterable[PeakSample], policy: Poli
             by_tier[s.tier].append(s)
     reports: list[ClassReport] = []
     floor = 0
+    carried: list[PeakSample] = []  # attempts whose estimate would move them up from the class below
     for c in table.classes:
-        report = _one(c.name, c.memory_limit_bytes, by_tier[c.name], p, floor)
+        report = _one(c.name, c.memory_limit_bytes, by_tier[c.name], carried, p, floor)
         reports.append(report)
         floor = report.recommended_bytes
+        carried = [s for s in (*by_tier[c.name], *carried) if _ran(s) and _moves(s, floor, p)]
     new = table.model_copy(update={"classes": [c.model_copy(update={"memory_limit_bytes": r.recommended_bytes})
                                                for c, r in zip(table.classes, reports, strict=True)]})
-    limits = {r.name: (r.limit_bytes, r.recommended_bytes) for r in reports}
-    won = [s for ss in by_tier.values() for s in ss if s.outcome == "succeeded" and s.peak_memory_bytes]
+    recs = [r.recommended_bytes for r in reports]
+    won = [(i, s) for i, c in enumerate(table.classes) for s in by_tier[c.name] if _ran(s)]
     return Calibration(reports, SizeClassTable.model_validate(new.model_dump()),
-                       _median([s.peak_memory_bytes or 0 for s in won]),
-                       _median([s.memory_limit_bytes for s in won]),
-                       _median([limits[s.tier][1] for s in won]))
+                       _median([s.peak_memory_bytes or 0 for _, s in won]),
+                       _median([s.memory_limit_bytes for _, s in won]),
+                       _median([recs[_landing(i, s, recs, p)] for i, s in won]))
 
 
-def _one(name: str, limit: int, samples: Sequence[PeakSample], p: Policy, floor: int) -> ClassReport:
+def _ran(s: PeakSample) -> bool:
+    return s.outcome == "succeeded" and bool(s.peak_memory_bytes)
+
+
+def _moves(s: PeakSample, limit: int, p: Policy) -> bool:
+    return p.sizing and bool(s.need_bytes) and (s.need_bytes or 0) > limit
+
+
+def _landing(i: int, s: PeakSample, recs: Sequence[int], p: Policy) -> int:
+    """The class an attempt would run in under the recommended limits: its own, or above by its estimate."""
+    while i + 1 < len(recs) and _moves(s, recs[i], p):
+        i += 1
+    return i
+
+
+def _one(name: str, limit: int, samples: Sequence[PeakSample], carried: Sequence[PeakSample], p: Policy,
+         floor: int) -> ClassReport:
+    ran = [(s.peak_memory_bytes or 0, s.need_bytes) for s in (*samples, *carried) if _ran(s)]
     peaks = sorted(s.peak_memory_bytes for s in samples if s.outcome == "succeeded" and s.peak_memory_bytes)
     needs = [s.need_bytes for s in samples if s.need_bytes]
     oom = sum(s.outcome == "oom" for s in samples)
     moved = sum(s.outcome == "needs_more" for s in samples)
     high = _percentile(peaks, p.percentile)
-    if len(peaks) < p.min_samples:
-        rec, note = limit, f"kept: {len(peaks)} succeeded attempts, fewer than {p.min_samples}"
+    if len(ran) < p.min_samples:
+        rec, note = limit, f"kept: {len(ran)} succeeded attempts, fewer than {p.min_samples}"
     elif samples and oom / len(samples) > p.max_oom_rate:
         rec, note = limit, f"kept: {oom / len(samples):.0%} of its attempts ran out of memory"
     else:
-        rec, note = _fit(limit, [(s.peak_memory_bytes, s.need_bytes) for s in samples
-                                 if s.outcome == "succeeded" and s.peak_memory_bytes], p)
+        rec, note = _fit(limit, ran, p)
+        if carried:
+            note += f"; with {len(carried)} that would move up from the class below"
     if rec <= floor:  # limits must grow, so that an OOM retry always gets more
         rec, note = min(limit, floor + p.step_bytes), note + "; raised above the class below"
     return ClassReport(name, limit, len(samples), len(peaks), oom, moved, _median(peaks), high,

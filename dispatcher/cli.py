@@ -18,7 +18,7 @@ from typing import Any
 
 from jobcell import Client, __version__
 
-from .calibrate import recommend, to_toml
+from .calibrate import Policy, recommend, to_toml
 from .classes import SizeClassTable, format_bytes, parse_seconds
 from .errors import JobcellError, NotFound
 from .models import ALL_TIERS, Job, JobState, NewJob
@@ -75,7 +75,7 @@ def _recommend(s: Settings, t: SizeClassTable, a: argparse.Namespace) -> int:
         window_s = parse_seconds(a.since)
     except ValueError as e:
         raise JobcellError(f"--since: {e}") from None
-    cal = recommend(t, build_queue(s).peak_samples(window_s))
+    cal = recommend(t, build_queue(s).peak_samples(window_s), Policy(sizing=s.sizing))
     if a.json:
         print(_json({"classes": [dict(asdict(r), oom_rate=r.oom_rate, frees_bytes=r.frees_bytes) for r in cal.classes],
                      "median_peak_bytes": cal.median_peak, "median_reserved_now_bytes": cal.median_reserved_now,

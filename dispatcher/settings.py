@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from job_image.contract import JobOptions
@@ -19,11 +19,111 @@ from .classes import SizeClassTable, load_table_from, parse_bytes, parse_seconds
 from .errors import ConfigError
 
 
-class Settings(BaseSettings, JobOptions):
-    """Every field is JOBCELL_<NAME>; the README's configuration table lists them. The cells' options come from
-    the contract's JobOptions, so they are validated here, once, at start."""
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_config = SettingsConfigDict(env_prefix="JOBCELL_", extra="ignore", frozen=True)
+
+def _long_secret(v: SecretStr | None) -> SecretStr | None:
+    if v is not None and len(v.get_secret_value()) < 16:  # they guard medical text: no guessable secrets
+        raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+    return v
+
+
+class ProcessSettings(_Group):
+    """JOBCELL_PROCESS_*: the process runtime."""
+
+    state_dir: str = "var/process-units"  # logs, pids and exit codes of its units
+    cap: Literal["auto", "rlimit", "watchdog"] = "auto"
+
+
+class KubernetesSettings(_Group):
+    """JOBCELL_K8S_*: the Kubernetes runtime."""
+
+    namespace: str = "jobcell"
+    service_account: str | None = None
+
+
+class RenderSettings(_Group):
+    """JOBCELL_RENDER_*: the Render runtime. Its cells' own base service (never the dispatcher's: a one-off job
+    inherits its base service's environment) and tier -> planId as JSON; the API key is RENDER_API_KEY, read
+    from the environment only."""
+
+    service_id: str | None = None
+    plans: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("plans")
+    @classmethod
+    def _plans(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {tier: plan for tier, plan in v.items() if not re.fullmatch(r"plan-(srv|crn)-\d{3}", plan)}
+        if bad:
+            raise ValueError(f"{bad} are not Render instance type ids: use plan-srv-006 (starter, 512 MB), "
+                             "plan-srv-008 (standard, 2 GB), plan-srv-010 (pro, 4 GB), plan-srv-011 (pro plus, 8 GB),"
+                             " plan-srv-013 (16 GB) or plan-srv-014 (32 GB); plan-crn-* for a cron job base")
+        return v
+
+
+class S3Settings(_Group):
+    """JOBCELL_S3_*: the object store for documents (else a local directory, JOBCELL_STORE_DIR)."""
+
+    bucket: str | None = None
+    endpoint: str | None = None
+    prefix: str = "documents/"
+
+
+class HttpSettings(_Group):
+    """JOBCELL_HTTP_*: the dispatcher's /metrics, /healthz and /readyz (dispatcher/observe.py): off unless a port
+    is given; loopback by default, since metrics name pools and classes (0.0.0.0 in a pod, for the kubelet)."""
+
+    port: int | None = Field(default=None, ge=1, le=65535)
+    host: str = Field(default="127.0.0.1", min_length=1)
+
+
+class WebhookSettings(_Group):
+    """JOBCELL_WEBHOOK_*: the deployment's URL, told of every job's end (jobs may name their own too); every
+    request is signed with the secret, and none is sent without one (dispatcher/webhooks.py)."""
+
+    url: str | None = None
+    secret: SecretStr | None = None
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    max_tries: int = Field(default=10, ge=1, le=100)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return None if v is None else check_webhook_url(v)
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, v: SecretStr | None) -> SecretStr | None:
+        return _long_secret(v)
+
+
+class WebSettings(_Group):
+    """JOBCELL_WEB_*: `jobcell web` (dispatcher/web.py). Loopback by default, and it refuses to start without a
+    token or a basic-auth user and password, since the pages show documents' text (often medical)."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8088, ge=1, le=65535)
+    token: SecretStr | None = None
+    user: str | None = Field(default=None, min_length=1)
+    password: SecretStr | None = None
+    actions: bool = False  # cancel and retry buttons; off: the dashboard only reads
+
+    @field_validator("token", "password")
+    @classmethod
+    def _secret(cls, v: SecretStr | None) -> SecretStr | None:
+        return _long_secret(v)
+
+
+class Settings(BaseSettings, JobOptions):
+    """Every field is JOBCELL_<NAME>; the README's configuration table lists them. Each runtime's and each
+    endpoint's settings form a group of their own (JOBCELL_K8S_NAMESPACE is `k8s.namespace`): the variables stay
+    flat, as deployments set them. The cells' options come from the contract's JobOptions, so they are validated
+    here, once, at start."""
+
+    # A group's variables are JOBCELL_<GROUP>_<FIELD>: split once, after the group's name
+    model_config = SettingsConfigDict(env_prefix="JOBCELL_", extra="ignore", frozen=True, env_nested_delimiter="_",
+                                      env_nested_max_split=1)
 
     database_url: SecretStr | None = None
     classes: str | None = None  # JSON table; wins over classes_file
@@ -38,15 +138,10 @@ class Settings(BaseSettings, JobOptions):
     # CPUs for docker and process, and no CPU admission for kubernetes and render (their schedulers place cells
     # by CPU themselves); "off", or a number such as 2 or 3.5
     cpu_budget: str = "auto"
-    process_state_dir: str = "var/process-units"  # process runtime: logs, pids and exit codes of its units
+    process: ProcessSettings = Field(default_factory=ProcessSettings)
     cgroup_root: str | None = None  # process runtime on cgroup v2: a delegated cgroup with +memory
-    process_cap: Literal["auto", "rlimit", "watchdog"] = "auto"
-    k8s_namespace: str = "jobcell"
-    k8s_service_account: str | None = None
-    # Render: the cells' own base service (never the dispatcher's: a one-off job inherits its base service's
-    # environment) and tier -> planId as JSON; the API key is RENDER_API_KEY, read from the environment only
-    render_service_id: str | None = None
-    render_plans: dict[str, str] = Field(default_factory=dict)
+    k8s: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    render: RenderSettings = Field(default_factory=RenderSettings)
     job_image: str = "jobcell-job:dev"
     network: str = "none"  # Docker network of job containers: none, since a cell's input comes on stdin
     job_user: str = "10001:10001"
@@ -60,38 +155,20 @@ class Settings(BaseSettings, JobOptions):
     # and every field of JobOptions (JOBCELL_DPI, JOBCELL_MAX_PAGES, ...): what every cell is told
     llm_model: str = "gpt-4o-mini"  # the manifest step, on the trusted side, when OPENAI_API_KEY is set
     store_dir: str = "var/store"
-    s3_bucket: str | None = None
-    s3_endpoint: str | None = None
-    s3_prefix: str = "documents/"
+    s3: S3Settings = Field(default_factory=S3Settings)
     lease_ttl_s: float = Field(default=30.0, ge=3)
     poll_interval_s: float = Field(default=1.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     backoff_exponent: float = Field(default=4.0, ge=0)
     backoff_cap_s: float = Field(default=3600.0, gt=0)
-    # The dispatcher's /metrics, /healthz and /readyz (dispatcher/observe.py): off unless a port is given;
-    # loopback by default, since metrics name pools and classes (0.0.0.0 in a pod, for the kubelet's probes)
-    http_port: int | None = Field(default=None, ge=1, le=65535)
-    http_host: str = Field(default="127.0.0.1", min_length=1)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for log shippers
-    # Webhooks (dispatcher/webhooks.py): the deployment's URL, told of every job's end (jobs may name their
-    # own too); every request is signed with the secret, and none is sent without one
-    webhook_url: str | None = None
-    webhook_secret: SecretStr | None = None
-    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
-    webhook_max_tries: int = Field(default=10, ge=1, le=100)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     # Retention on a schedule: every dispatcher prunes finished jobs older than this (e.g. 30d), with their
     # pages, results and stored documents, each prune_every_s; unset: nothing is deleted unless `jobcell prune`
     prune_after: str | None = None
     prune_every_s: float = Field(default=3600.0, ge=1)
-
-    # `jobcell web` (dispatcher/web.py): loopback by default, and it refuses to start without a token or a
-    # basic-auth user and password, since the pages show documents' text (often medical)
-    web_host: str = Field(default="127.0.0.1", min_length=1)
-    web_port: int = Field(default=8088, ge=1, le=65535)
-    web_token: SecretStr | None = None
-    web_user: str | None = Field(default=None, min_length=1)
-    web_password: SecretStr | None = None
-    web_actions: bool = False  # cancel and retry buttons; off: the dashboard only reads
+    web: WebSettings = Field(default_factory=WebSettings)
 
     @field_validator("memory_budget")
     @classmethod
@@ -123,28 +200,6 @@ class Settings(BaseSettings, JobOptions):
             return None
         return float(host_cpus) if self.cpu_budget == "auto" else float(self.cpu_budget)
 
-    @field_validator("render_plans")
-    @classmethod
-    def _plans(cls, v: dict[str, str]) -> dict[str, str]:
-        bad = {tier: plan for tier, plan in v.items() if not re.fullmatch(r"plan-(srv|crn)-\d{3}", plan)}
-        if bad:
-            raise ValueError(f"{bad} are not Render instance type ids: use plan-srv-006 (starter, 512 MB), "
-                             "plan-srv-008 (standard, 2 GB), plan-srv-010 (pro, 4 GB), plan-srv-011 (pro plus, 8 GB),"
-                             " plan-srv-013 (16 GB) or plan-srv-014 (32 GB); plan-crn-* for a cron job base")
-        return v
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _webhook(cls, v: str | None) -> str | None:
-        return None if v is None else check_webhook_url(v)
-
-    @field_validator("webhook_secret")
-    @classmethod
-    def _webhook_secret(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and len(v.get_secret_value()) < 16:
-            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 24`)")
-        return v
-
     @field_validator("runtime_budgets")
     @classmethod
     def _budgets(cls, v: dict[str, str]) -> dict[str, str]:
@@ -169,13 +224,6 @@ class Settings(BaseSettings, JobOptions):
 
     def prune_after_s(self) -> float | None:
         return None if self.prune_after is None else parse_seconds(self.prune_after)
-
-    @field_validator("web_token", "web_password")
-    @classmethod
-    def _web_secret(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and len(v.get_secret_value()) < 16:  # it guards medical text: no guessable secrets
-            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 24`)")
-        return v
 
     def table(self) -> SizeClassTable:
         return load_table_from(self.classes, self.classes_file)
@@ -239,15 +287,15 @@ def load_settings() -> Settings:
     if s.runtime in ("kubernetes", "render") and s.memory_budget.endswith("%"):
         raise ConfigError(f"JOBCELL_MEMORY_BUDGET must be an amount (e.g. 8GiB) with JOBCELL_RUNTIME={s.runtime}: "
                           "a share of the dispatcher's own memory says nothing about where jobs run")
-    if s.webhook_url and s.webhook_secret is None:
+    if s.webhook.url and s.webhook.secret is None:
         raise ConfigError("JOBCELL_WEBHOOK_URL needs JOBCELL_WEBHOOK_SECRET (at least 16 characters): webhooks are "
                           "only sent signed, so that receivers can tell them from forgeries")
     for runtime in s.runtimes():  # the dispatcher's own runtime and every one a class is routed to
         where = f"JOBCELL_RUNTIME={runtime}" if runtime == s.runtime else f"a class routed to {runtime}"
-        if runtime in ("kubernetes", "render") and not s.s3_bucket:
+        if runtime in ("kubernetes", "render") and not s.s3.bucket:
             raise ConfigError(f"{where} needs JOBCELL_S3_BUCKET: its cells cannot be streamed their document, so "
                               "each fetches it from the object store by a presigned URL")
-        if runtime == "render" and not (s.render_service_id and os.environ.get("RENDER_API_KEY")):
+        if runtime == "render" and not (s.render.service_id and os.environ.get("RENDER_API_KEY")):
             raise ConfigError(f"{where} needs RENDER_API_KEY and JOBCELL_RENDER_SERVICE_ID, the id of the cells' "
                               "own base service (jobcell-cell in render.yaml), never the dispatcher's own")
     return s

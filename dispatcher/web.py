@@ -393,8 +393,8 @@ class Auth:
 
     @classmethod
     def from_settings(cls, s: Settings) -> Auth:
-        return cls(s.web_token.get_secret_value() if s.web_token else None, s.web_user,
-                   s.web_password.get_secret_value() if s.web_password else None)
+        return cls(s.web.token.get_secret_value() if s.web.token else None, s.web.user,
+                   s.web.password.get_secret_value() if s.web.password else None)
 
     def check(self, environ: WSGIEnvironment) -> Response | None:
         """None when the request is authenticated; otherwise the response to send: the redirect that turns a
@@ -517,7 +517,7 @@ class Dashboard:
                         tag("a", {"href": "/jobs?state=running"}, "Running"),
                         tag("a", {"href": "/jobs?state=failed"}, "Failed")),
                     tag("span", {"class": "muted"},
-                        "actions on" if self.s.web_actions else "read-only")),
+                        "actions on" if self.s.web.actions else "read-only")),
                 tag("main", None, body)))
         return Response(status, doc.encode())
 
@@ -724,7 +724,7 @@ class Dashboard:
                            self._actions(job), facts_dl, pages, attempts_section, text_section])), job.state.final
 
     def _actions(self, job: Job) -> Safe | None:
-        if not self.s.web_actions:
+        if not self.s.web.actions:
             return None
         forms = []
         if job.state in (JobState.QUEUED, JobState.RUNNING):
@@ -742,7 +742,7 @@ class Dashboard:
                    tag("button", {"type": "submit", "class": f"btn-{action}", "id": f"{action}-button"}, label))
 
     def action(self, environ: WSGIEnvironment, job_id: int, what: str) -> Response:
-        if not self.s.web_actions:
+        if not self.s.web.actions:
             return self._error(HTTPStatus.FORBIDDEN, "actions are off: set JOBCELL_WEB_ACTIONS=true to allow them")
         origin = environ.get("HTTP_ORIGIN")
         if origin is not None and origin != "null" and origin.split("://", 1)[-1] != environ.get("HTTP_HOST"):
@@ -787,15 +787,15 @@ def serve(s: Settings, budget: int | None) -> int:
     queue.queue_id()  # no schema: refused now, with what to run
     app = Dashboard(s, queue, auth, budget)
     try:
-        httpd = make_server(s.web_host, s.web_port, app, server_class=_Server, handler_class=_Handler)
+        httpd = make_server(s.web.host, s.web.port, app, server_class=_Server, handler_class=_Handler)
     except OSError as e:
-        raise ConfigError(f"cannot listen on {s.web_host}:{s.web_port} ({e.strerror}): set JOBCELL_WEB_PORT "
+        raise ConfigError(f"cannot listen on {s.web.host}:{s.web.port} ({e.strerror}): set JOBCELL_WEB_PORT "
                           "or JOBCELL_WEB_HOST") from None
-    if s.web_host not in ("127.0.0.1", "localhost", "::1"):
+    if s.web.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the dashboard listens on %s, beyond loopback, over plain HTTP: put a TLS proxy in front",
-                    s.web_host)
-    log.info("dashboard on http://%s:%d/ (%s)", s.web_host, httpd.server_port,
-             "cancel and retry on" if s.web_actions else "read-only")
+                    s.web.host)
+    log.info("dashboard on http://%s:%d/ (%s)", s.web.host, httpd.server_port,
+             "cancel and retry on" if s.web.actions else "read-only")
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

@@ -34,8 +34,8 @@ def build_queue(s: Settings, *, give_up_after_s: float | None = 60.0) -> Postgre
 
 
 def build_store(s: Settings) -> DocumentStore:
-    if s.s3_bucket:
-        return S3Store(s.s3_bucket, s.s3_prefix, s.s3_endpoint)
+    if s.s3.bucket:
+        return S3Store(s.s3.bucket, s.s3.prefix, s.s3.endpoint)
     return LocalStore(s.store_dir)
 
 
@@ -47,22 +47,22 @@ def build_runtime(s: Settings, queue_id: str, store: DocumentStore,
         from .runtimes.kubernetes import KubernetesOptions, KubernetesRuntime  # lightkube only where it is used
 
         return KubernetesRuntime(KubernetesOptions(
-            image=s.job_image, namespace=s.k8s_namespace, pool=s.pool, queue_id=queue_id,
-            service_account=s.k8s_service_account, user=s.job_user,
+            image=s.job_image, namespace=s.k8s.namespace, pool=s.pool, queue_id=queue_id,
+            service_account=s.k8s.service_account, user=s.job_user,
             tmpfs_size=s.tmpfs_size.replace("m", "Mi") if s.tmpfs_size.endswith("m") else s.tmpfs_size),
             presign=store.presign)
     if name == "render":
         from .runtimes.render import RenderOptions, RenderRuntime
 
-        assert s.render_service_id is not None  # checked when the settings were loaded
-        return RenderRuntime(RenderOptions(service_id=s.render_service_id, api_key=os.environ["RENDER_API_KEY"],
-                                           pool=s.pool, queue_id=queue_id, plans=s.render_plans),
+        assert s.render.service_id is not None  # checked when the settings were loaded
+        return RenderRuntime(RenderOptions(service_id=s.render.service_id, api_key=os.environ["RENDER_API_KEY"],
+                                           pool=s.pool, queue_id=queue_id, plans=s.render.plans),
                              presign=store.presign)
     if name == "process":
         from .runtimes.process import ProcessOptions, ProcessRuntime
 
-        return ProcessRuntime(ProcessOptions(state_root=s.process_state_dir, pool=s.pool, queue_id=queue_id,
-                                             cgroup_root=s.cgroup_root, cap=s.process_cap,
+        return ProcessRuntime(ProcessOptions(state_root=s.process.state_dir, pool=s.pool, queue_id=queue_id,
+                                             cgroup_root=s.cgroup_root, cap=s.process.cap,
                                              scratch_bytes=parse_bytes(s.scratch_size)), documents=store.open)
     from .runtimes.docker import DockerOptions, DockerRuntime
 
@@ -74,10 +74,10 @@ def build_runtime(s: Settings, queue_id: str, store: DocumentStore,
 
 def build_webhooks(s: Settings) -> WebhookDeliverer:
     """Always: jobs may name a URL of their own even where the deployment has none."""
-    secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
-    return WebhookDeliverer(Database(s.dsn()), WebhookOptions(url=s.webhook_url, secret=secret,
-                                                              timeout_s=s.webhook_timeout_s,
-                                                              max_tries=s.webhook_max_tries))
+    secret = s.webhook.secret.get_secret_value() if s.webhook.secret else None
+    return WebhookDeliverer(Database(s.dsn()), WebhookOptions(url=s.webhook.url, secret=secret,
+                                                              timeout_s=s.webhook.timeout_s,
+                                                              max_tries=s.webhook.max_tries))
 
 
 def build_retention(s: Settings, queue: PostgresQueue, store: DocumentStore) -> RetentionWorker | None:
@@ -118,15 +118,15 @@ def _log_engine_retry(state: RetryCallState) -> None:
 def build_http(s: Settings) -> HttpServer | None:
     """/metrics, /healthz and /readyz when JOBCELL_HTTP_PORT is set. Bound here, before the dispatcher waits for
     its engine and database, so that a port in use is refused at start and the probes answer during that wait."""
-    if s.http_port is None:
+    if s.http.port is None:
         return None
     # A pass can take a while (parallel launches, an ended unit's output drained): stuck means three polls and
     # half a minute without one ending.
     observer = PrometheusObserver(s.table().names, stale_after_s=3 * s.poll_interval_s + 30)
     try:
-        return HttpServer(observer, s.http_host, s.http_port)
+        return HttpServer(observer, s.http.host, s.http.port)
     except OSError as e:
-        raise ConfigError(f"JOBCELL_HTTP_PORT/JOBCELL_HTTP_HOST: cannot listen on {s.http_host}:{s.http_port} "
+        raise ConfigError(f"JOBCELL_HTTP_PORT/JOBCELL_HTTP_HOST: cannot listen on {s.http.host}:{s.http.port} "
                           f"({e.strerror or e})") from None
 
 
@@ -153,7 +153,7 @@ def build_dispatcher(s: Settings, migrate: bool = False, observer: PrometheusObs
     queue = build_queue(s, give_up_after_s=None)  # the dispatcher waits out a database outage
     if migrate:
         queue.migrate()
-    if not s.s3_bucket:
+    if not s.s3.bucket:
         os.makedirs(s.store_dir, mode=0o700, exist_ok=True)
     queue_id, store = queue.queue_id(), build_store(s)
     runtime = build_runtime(s, queue_id, store, client)

@@ -63,3 +63,14 @@ def test_with_sizing_the_few_whose_estimate_is_over_the_limit_move_up_instead_of
     assert without.recommended_bytes == 304 * MIB  # with no sizing step, the limit must hold them: 248 x 1.2
     many = pages + [ok("small", 248, 512, need_mib=323) for _ in range(6)]  # 6 of 36: over 10% would move
     assert recommend(TABLE, many).classes[0].recommended_bytes == 336 * MIB  # just above their estimate: they stay
+
+
+def test_those_that_would_move_up_are_counted_where_they_would_land():
+    pages = [ok("small", 40 + 2 * i, 512, need_mib=50 + 2 * i) for i in range(30)]
+    huge = [ok("small", 248, 512, need_mib=323) for _ in range(3)]  # no medium attempt was ever recorded
+    cal = recommend(TABLE, pages + huge, Policy(min_samples=3))
+    [s, m, _] = cal.classes
+    assert s.recommended_bytes == 128 * MIB
+    assert m.recommended_bytes == 336 * MIB and "with 3 that would move up from the class below" in m.note
+    # their reservation after is medium's, where they would run: the median moves from 512 MiB to small's
+    assert cal.median_reserved_now == 512 * MIB and cal.median_reserved_after == 128 * MIB

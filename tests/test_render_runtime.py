@@ -186,7 +186,7 @@ def test_the_blueprint_gives_cells_a_base_service_without_secrets(monkeypatch: p
     monkeypatch.setattr(os, "environ", env)
     s = load_settings()
     table = s.table()
-    assert s.runtimes() == ["process", "render"] and s.process_cap == "watchdog"
+    assert s.runtimes() == ["process", "render"] and s.process.cap == "watchdog"
     assert [(c.name, c.runtime) for c in table.classes] == [("small", None), ("medium", "render"),
                                                              ("large", "render")]
     budgets = routed_budgets(table, s.runtime, {k: parse_bytes(v) for k, v in s.runtime_budgets.items()})
