@@ -113,4 +113,4 @@ def _move_up(tier: str, attempt: int, max_attempts: int, table: SizeClassTable, 
                                                       f"after {attempt} attempts")
     return Decision(JobState.QUEUED, target.name, 0.0,
                     reason=f"needs {need} for its largest page, over the {tier!r} tier's "
-                           f"{format_bytes(limit.memory_limit_bytes)}: moved to {target.name!r} before any work")
+                           f"{format_bytes(limit.memory_limit_bytes)}: moved to {target.name!r} before it ran out")

@@ -102,7 +102,7 @@ class Channel:
         if not (self.larger_tier and self.limit_bytes and need_bytes > self.limit_bytes):
             return False
         print(f"needs about {need_bytes / 2**20:.0f} MiB ({why}), over its {self.limit_bytes / 2**20:.0f} MiB cap: "
-              "asking for a larger tier", file=sys.stderr, flush=True)
+              "asking for a larger tier (the pages that fit first)", file=sys.stderr, flush=True)
         return True
 
     def done(self) -> None:

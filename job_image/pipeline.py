@@ -39,9 +39,10 @@ def run(header: Header, document: Path, channel: Channel, scratch: Path) -> int:
     todo = list(pending(doc, done))
     largest = max(todo, key=lambda p: p.width * p.height, default=None)
     why = f"page {largest.number} is {largest.width} x {largest.height} px" if largest else "no page left"
-    if channel.need(need_bytes(tuple(todo)), why):
-        return EXIT_NEEDS_MORE  # before any page is rendered: nothing to undo, nothing to resume
-    n = workers(doc.pages, header.memory_limit_bytes, o.ocr_workers or cpus(header.cpus))
+    move_up = channel.need(need_bytes(tuple(todo)), why)
+    if move_up:  # the pages that fit this cap first; a larger tier resumes at the first that does not
+        todo = todo[:next(i for i, p in enumerate(todo) if need_bytes((p,)) > header.memory_limit_bytes)]
+    n = workers(tuple(todo) or doc.pages, header.memory_limit_bytes, o.ocr_workers or cpus(header.cpus))
     pages = f"{len(doc.pages)} page{'s' if len(doc.pages) != 1 else ''}"
     print(f"{doc.media_type}, {pages}, {len(done & {p.number for p in doc.pages})} already stored, "
           f"{n} worker{'s' if n != 1 else ''}", file=sys.stderr, flush=True)
@@ -58,6 +59,8 @@ def run(header: Header, document: Path, channel: Channel, scratch: Path) -> int:
                                     mean_confidence=result.mean_confidence, ocr_seconds=result.seconds))
             print(f"page {page.number}/{len(doc.pages)}: {len(result.words)} words in {result.seconds:.1f} s",
                   file=sys.stderr, flush=True)
+    if move_up:
+        return EXIT_NEEDS_MORE  # no page was rendered past the cap: nothing was lost, nothing ran out
     channel.done()
     return EXIT_OK
 

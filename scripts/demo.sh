@@ -44,7 +44,7 @@ echo "== submitting ${#docs[@]} documents; the last three must be refused, each 
 $jobcell submit --wait "${docs[@]/#/$corpus/}" | tee var/demo/result.txt || true
 
 echo
-echo "== the document that needs a larger tier: its cell said so before rendering a page, and moved (no OOM)"
+echo "== the document that needs a larger tier: its cell said so before rendering its one page, and moved (no OOM)"
 enormous=$(grep -m1 'ocrmypdf-enormous.pdf' var/demo/result.txt | awk '{print $2}' | tr -d ':')
 $jobcell show "$enormous"
 echo
@@ -73,6 +73,6 @@ if wrong or refused_twice or not escalated or not moved:
     print(f"demo FAILED: unexpected {wrong}, retried bad input {refused_twice}, oom attempts {escalated}, "
           f"moved by their own estimate {moved}")
     sys.exit(1)
-print(f"demo OK: 6 documents OCR'd, 3 refused after one attempt each, {moved} moved up before any work by their "
+print(f"demo OK: 6 documents OCR'd, 3 refused after one attempt each, {moved} moved up by their "
       f"own estimate, {escalated} OOM kill(s) escalated")
 PY

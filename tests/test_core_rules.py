@@ -191,7 +191,7 @@ def test_a_cell_that_needs_more_goes_straight_to_the_tier_that_holds_it():
                need_bytes=1500 * MIB)
     assert (d.state, d.tier, d.delay_s) == (JobState.QUEUED, "large", 0.0)  # medium skipped: no OOM climb
     assert d.reason == "needs about 1.5 GiB for its largest page, over the 'small' tier's 512 MiB: moved to " \
-                       "'large' before any work"
+                       "'large' before it ran out"
     assert decide(Outcome.NEEDS_MORE, tier="small", attempt=1, max_attempts=5, table=t, backoff=b,
                   need_bytes=600 * MIB).tier == "medium"
     over = decide(Outcome.NEEDS_MORE, tier="small", attempt=1, max_attempts=5, table=t, backoff=b,

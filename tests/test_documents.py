@@ -220,17 +220,17 @@ def pdfunite(client: Any, inputs: list[Path], out: Path) -> Path:
     return out
 
 
-def test_an_oom_part_way_resumes_at_the_first_missing_page(docs, tmp_path, docker_client):
-    # pages 1-4 are ordinary; page 5 is a 30 x 30 inch page that needs more than 192 MiB
+@pytest.mark.parametrize("sizing, first", [(False, "oom"), (True, "needs_more")])
+def test_a_page_past_the_cap_resumes_at_the_first_missing_page(docs, tmp_path, docker_client, sizing, first):
+    # pages 1-4 are ordinary; page 5 is a 30 x 30 inch page that needs more than 192 MiB. Without sizing the cell
+    # runs into its cap on page 5; with it, it does pages 1-4 and asks for more before rendering page 5.
     pdf = pdfunite(docker_client, [CORPUS / "ocrmypdf-cardinal.pdf", CORPUS / "ocrmypdf-enormous.pdf"],
                    tmp_path / "cardinal-then-enormous.pdf")
-    classes = [dict(DEFAULT_LIKE[0], memory_limit_bytes="192MiB"), dict(DEFAULT_LIKE[1], memory_limit_bytes="512MiB"),
-               DEFAULT_LIKE[2]]
-    q = docs.start(classes)
+    q = docs.start(DEMO_LIKE, sizing=sizing)
     job_id = docs.submit(pdf)
     [job] = wait_final(q, [job_id], timeout=600)
     assert job.state is JobState.SUCCEEDED, job.reason
-    assert [(a.tier, a.outcome) for a in q.attempts(job_id)] == [("small", "oom"), ("medium", "succeeded")]
+    assert [(a.tier, a.outcome) for a in q.attempts(job_id)] == [("small", first), ("medium", "succeeded")]
     # whichever process the cgroup killed (pdftoppm, tesseract, python), it is memory, never "cannot be rendered"
     assert "cannot be rendered" not in (q.attempts(job_id)[0].error or "")
     # every page exactly once; the first four were kept from the OOM-killed attempt, only page 5 was redone
