@@ -378,8 +378,9 @@ WHERE j.id = ANY(%s)
 
 
 def through_jobcell(runtime: str, client: docker.DockerClient, url: str, pg_id: str, docs: list[Path], c: int,
-                    work: Path, poll_s: float | None = None) -> Side:
-    side = Side(f"jobcell, {runtime} runtime" + (f", poll {poll_s:g} s" if poll_s else ""), len(docs))
+                    work: Path, poll_s: float | None = None, oci: str | None = None) -> Side:
+    name = f"jobcell, {runtime} runtime" + (f", poll {poll_s:g} s" if poll_s else "") + (f", {oci}" if oci else "")
+    side = Side(name, len(docs))
     if runtime == "process":
         missing = [t for t in ("tesseract", "pdftoppm") if not shutil.which(t)]
         if missing:
@@ -390,7 +391,8 @@ def through_jobcell(runtime: str, client: docker.DockerClient, url: str, pg_id: 
     env = {"JOBCELL_DATABASE_URL": url, "JOBCELL_CLASSES": classes(c), "JOBCELL_POOL": pool,
            "JOBCELL_MEMORY_BUDGET": "4GiB", "JOBCELL_RUNTIME": runtime, "JOBCELL_STORE_DIR": str(work / "store"),
            "JOBCELL_PROCESS_STATE_DIR": str(work / "units"), "JOBCELL_HTTP_PORT": str(port),
-           "JOBCELL_JOB_IMAGE": JOB_IMAGE, **({"JOBCELL_POLL_INTERVAL_S": str(poll_s)} if poll_s else {})}
+           "JOBCELL_JOB_IMAGE": JOB_IMAGE, **({"JOBCELL_POLL_INTERVAL_S": str(poll_s)} if poll_s else {}),
+           **({"JOBCELL_OCI_RUNTIME": oci} if oci else {})}
     with (work / f"dispatcher-{runtime}.log").open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "run"], cwd=ROOT, env={**os.environ, **env},
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -541,7 +543,8 @@ def main() -> int:
     ap.add_argument("--lines", type=int, default=22, help="lines of text per page")
     ap.add_argument("--sides", default="docker,process,process@0.1,warm,image",
                     help="which sides besides raw, comma-separated; RUNTIME@S: that runtime with "
-                         "JOBCELL_POLL_INTERVAL_S=S (default 1.0). The raw baseline always runs first and last")
+                         "JOBCELL_POLL_INTERVAL_S=S (default 1.0); docker+crun: with JOBCELL_OCI_RUNTIME=crun. "
+                         "The raw baseline always runs first and last")
     a = ap.parse_args()
     wanted = [w for w in a.sides.split(",") if w]
     client = docker.from_env()
@@ -565,9 +568,10 @@ def main() -> int:
             q.close()
             for want in wanted:
                 runtime, _, poll = want.partition("@")
+                runtime, _, oci = runtime.partition("+")
                 if runtime in ("docker", "process"):
                     sides.append(through_jobcell(runtime, client, url, pg_id, docs, a.concurrency, work,
-                                                 float(poll) if poll else None))
+                                                 float(poll) if poll else None, oci or None))
                     print(f"done: {sides[-1].name}", flush=True)
         if "warm" in wanted:
             sides.append(warm_worker(client, docs, a.concurrency))

@@ -149,6 +149,9 @@ class Settings(BaseSettings, JobOptions):
     tmpfs_size: str = Field(default="64m", pattern=r"^\d+[kmg]$")
     scratch_size: str = Field(default="512m", pattern=r"^\d+[kmg]$")  # capped, noexec; counts against memory
     job_cpus: float | None = Field(default=None, gt=0)
+    # Docker: the OCI runtime cells start with (e.g. crun, registered in /etc/docker/daemon.json "runtimes");
+    # unset: the engine's default (runc)
+    oci_runtime: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     # A cell that estimates, once its document is validated, that it needs more than its cap stops before any
     # work and moves to the tier that holds the estimate (no OOM on the way); off: it runs until its cap says
     sizing: bool = True

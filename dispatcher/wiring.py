@@ -68,7 +68,7 @@ def build_runtime(s: Settings, queue_id: str, store: DocumentStore,
 
     options = DockerOptions(image=s.job_image, pool=s.pool, queue_id=queue_id, network_mode=s.network,
                             user=s.job_user, pids_limit=s.pids_limit, tmpfs_size=s.tmpfs_size,
-                            scratch_size=s.scratch_size, cpus=s.job_cpus)
+                            scratch_size=s.scratch_size, cpus=s.job_cpus, oci_runtime=s.oci_runtime)
     return DockerRuntime(options, client=client, documents=store.open)
 
 
@@ -144,6 +144,10 @@ def build_dispatcher(s: Settings, migrate: bool = False, observer: PrometheusObs
                               "(scripts/build-job-image.sh) or pull it, or set JOBCELL_JOB_IMAGE") from None
     if s.runtime == "docker" and client is not None:
         info = client.info()
+        if s.oci_runtime and s.oci_runtime not in (info.get("Runtimes") or {}):
+            raise ConfigError(f"JOBCELL_OCI_RUNTIME={s.oci_runtime}: the Docker engine has no such runtime (it has "
+                              f"{', '.join(sorted(info.get('Runtimes') or {}))}): install it and register it under "
+                              '"runtimes" in /etc/docker/daemon.json, or unset JOBCELL_OCI_RUNTIME')
         total, cpus = int(info["MemTotal"]), int(info["NCPU"])
     else:  # process: this host's; kubernetes, render: explicit amounts (checked in settings) or none
         total, cpus = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), len(os.sched_getaffinity(0))

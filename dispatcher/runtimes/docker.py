@@ -49,6 +49,7 @@ class DockerOptions:
     tmpfs_size: str = "64m"
     scratch_size: str = "512m"  # tmpfs: counted against the memory cap as well, so it is doubly capped
     cpus: float | None = None
+    oci_runtime: str | None = None  # the engine's runtime for cells (e.g. crun); None: the engine's default
     stats_every_s: float = 2.0
     start_grace_s: float = 60.0  # a container still 'created' after this lost its launcher
     input_timeout_s: float = 30.0  # per MiB of input streamed into a cell
@@ -90,6 +91,8 @@ class DockerRuntime(RuntimeBase):
         )
         if o.cpus:
             host["nano_cpus"] = int(o.cpus * 1e9)
+        if o.oci_runtime:
+            host["runtime"] = o.oci_runtime
         return dict(
             image=o.image,
             name=self.container_name(spec),
