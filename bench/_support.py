@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,20 +64,31 @@ def postgres(client: docker.DockerClient) -> Iterator[str]:
 def scanned_pdf(path: Path, pages: int, dpi: int = 200) -> Path:
     """A scan-like PDF: one grayscale 8.5 x 11 in image per page at `dpi`, with real text on it.
     Pages are generated one at a time, so that making a long one needs little memory."""
+    first, *rest = scan_pages(pages, dpi, "Page {n} line {line}: the quick brown fox jumps over the lazy dog")
+    first.save(path, save_all=True, resolution=dpi, append_images=rest)
+    return path
+
+
+def scan_pages(pages: int, dpi: int, text: str) -> Iterator[Any]:
+    """Grayscale letter pages at `dpi`, 40 lines of `text` each ({n}: the page, {line}: the line)."""
     from PIL import Image, ImageDraw
 
-    w, h = int(8.5 * dpi), int(11 * dpi)
-
-    def page(n: int) -> Image.Image:
-        im = Image.new("L", (w, h), 255)
+    for n in range(1, pages + 1):
+        im = Image.new("L", (int(8.5 * dpi), int(11 * dpi)), 255)
         d = ImageDraw.Draw(im)
         for line in range(40):
-            d.text((120, 120 + line * 50), f"Page {n} line {line}: the quick brown fox jumps over the lazy dog",
-                   fill=0, font_size=32)
-        return im
+            d.text((120, 120 + line * 50), text.format(n=n, line=line), fill=0, font_size=32)
+        yield im
 
-    page(1).save(path, save_all=True, resolution=dpi, append_images=(page(n) for n in range(2, pages + 1)))
-    return path
+
+@contextlib.contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    """A temporary directory the job image's user can read, with a docs/ folder in it."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)
+        (work / "docs").mkdir(mode=0o755)
+        yield work
 
 
 PEAK = "jobcell-peak-bytes="

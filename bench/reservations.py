@@ -33,10 +33,9 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
@@ -49,7 +48,7 @@ from dispatcher.settings import load_settings
 from dispatcher.views import PeakSample
 from jobcell import Client
 
-from ._support import JOB_IMAGE, ROOT, free_port, postgres, scanned_pdf
+from ._support import JOB_IMAGE, ROOT, free_port, postgres, scan_pages, scanned_pdf, workdir
 from .small_docs import CORPUS, environ, make_docs, wait_ready
 
 BY_BYTES = [
@@ -63,19 +62,8 @@ CORPUS_DOCS = ("ocrmypdf-cardinal.pdf", "ocrmypdf-enormous.pdf", "ocrmypdf-linn.
 
 def big_tiff(path: Path, pages: int, dpi: int = 200) -> Path:
     """An uncompressed grayscale multi-page TIFF with real-looking text: 3.7 MB a letter page."""
-    from PIL import Image, ImageDraw
-
-    w, h = int(8.5 * dpi), int(11 * dpi)
-
-    def page(n: int) -> Image.Image:
-        im = Image.new("L", (w, h), 255)
-        d = ImageDraw.Draw(im)
-        for line in range(40):
-            d.text((120, 120 + line * 50), f"Record {n}.{line}: patient seen, vitals stable, follow up in two weeks",
-                   fill=0, font_size=32)
-        return im
-
-    page(1).save(path, save_all=True, dpi=(dpi, dpi), append_images=[page(n) for n in range(2, pages + 1)])
+    first, *rest = scan_pages(pages, dpi, "Record {n}.{line}: patient seen, vitals stable, follow up in two weeks")
+    first.save(path, save_all=True, dpi=(dpi, dpi), append_images=rest)
     return path
 
 
@@ -110,6 +98,7 @@ class Side:
     name: str
     table: list[dict[str, object]]
     sizing: bool
+    env: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
     jobs: int = 0
     succeeded: int = 0
@@ -119,6 +108,7 @@ class Side:
     reserved_gib_s: float = 0.0
     peaked_gib_s: float = 0.0
     samples: tuple[PeakSample, ...] = ()
+    latencies: tuple[float, ...] = ()  # submit to end, per job
 
     @property
     def docs_per_hour(self) -> float:
@@ -136,7 +126,7 @@ def run_side(side: Side, url: str, docs: list[Path], budget: str, work: Path) ->
     env = {"JOBCELL_DATABASE_URL": url, "JOBCELL_CLASSES": json.dumps(side.table), "JOBCELL_POOL": "bench",
            "JOBCELL_MEMORY_BUDGET": budget, "JOBCELL_RUNTIME": "docker", "JOBCELL_SIZING": str(side.sizing).lower(),
            "JOBCELL_STORE_DIR": str(work / "store"), "JOBCELL_HTTP_PORT": str(port), "JOBCELL_JOB_IMAGE": JOB_IMAGE,
-           "JOBCELL_BACKOFF_EXPONENT": "0"}
+           "JOBCELL_BACKOFF_EXPONENT": "0", **side.env}
     log = (work / f"dispatcher-{side.name.replace(' ', '-')}.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "run", "--migrate"], cwd=ROOT,
                             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
@@ -154,6 +144,8 @@ def run_side(side: Side, url: str, docs: list[Path], budget: str, work: Path) ->
             rows = db.execute(ATTEMPTS, (ids,)).fetchall()
             side.succeeded = db.execute("SELECT count(*) FROM jobs WHERE id = ANY(%s) AND state = 'succeeded'",
                                         (ids,)).fetchone()[0]  # type: ignore[index]
+            side.latencies = tuple(r[0] for r in db.execute(
+                "SELECT extract(epoch FROM finished_at - created_at)::float8 FROM jobs WHERE id = ANY(%s)", (ids,)))
         client.close()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -196,10 +188,7 @@ def main() -> int:
     a = ap.parse_args()
     client = docker.from_env()
     client.images.get(JOB_IMAGE)
-    with tempfile.TemporaryDirectory(prefix="jobcell-reservations-") as tmp:
-        work = Path(tmp)
-        work.chmod(0o755)
-        (work / "docs").mkdir(mode=0o755)
+    with workdir("jobcell-reservations-") as work:
         docs = backlog(work / "docs", a.scans)
         print(f"{len(docs)} documents in {work / 'docs'}", flush=True)
         with postgres(client) as admin:

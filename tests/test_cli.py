@@ -90,6 +90,12 @@ def test_a_cpu_budget_below_a_class_cpus_is_refused_at_start(cli_env):
     assert out.returncode == 2 and "raise JOBCELL_CPU_BUDGET or lower that class's cpus" in out.stderr
 
 
+def test_an_oci_runtime_the_engine_lacks_is_refused_at_start(cli_env):
+    out = jobcell("run", env=dict(cli_env, JOBCELL_OCI_RUNTIME="nosuch"), timeout=30)
+    assert out.returncode == 2 and "JOBCELL_OCI_RUNTIME=nosuch: the Docker engine has no such runtime (it has" \
+        in out.stderr and "runc" in out.stderr
+
+
 def test_a_missing_job_image_is_refused_at_start(cli_env):
     out = jobcell("run", env=dict(cli_env, JOBCELL_JOB_IMAGE="jobcell-job:does-not-exist"), timeout=30)
     assert out.returncode == 2 and "'jobcell-job:does-not-exist' is not on this Docker engine" in out.stderr
