@@ -47,6 +47,7 @@ def main() -> int:
         header = read_header(sys.stdin.buffer)
         channel = Channel(header)
         with tempfile.TemporaryDirectory(dir=os.environ.get(ENV_SCRATCH) or None, prefix="jobcell-") as tmp:
+            tempfile.tempdir = tmp  # what libraries write (pytesseract's page files) goes to scratch too, not /tmp
             code = run(header, channel, Path(tmp))
     except BadInput as e:
         print(f"bad input: {e}", file=sys.stderr)

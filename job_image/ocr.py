@@ -23,6 +23,10 @@ class PageText:
 def ocr(image: Image.Image, lang: str = "eng", timeout_s: float = 300, dpi: int = 0) -> PageText:
     started = time.monotonic()
     config = f"--psm 3 --dpi {dpi}" if dpi else "--psm 3"
+    if image.format is None:  # decoded or converted here: handed to tesseract as PNM, not PNG (issue 12)
+        # pytesseract writes the page to a file for tesseract to read; as PNG that costs about 60 ms of zlib a
+        # letter page and as much again to decode, PNM a copy (the file goes to the cell's capped scratch)
+        image.format = "PPM"
     try:
         data = pytesseract.image_to_data(image, lang=lang, config=config, timeout=timeout_s,
                                          output_type=pytesseract.Output.DICT)

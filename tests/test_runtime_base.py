@@ -16,7 +16,7 @@ from dispatcher.errors import ConfigError
 from dispatcher.models import MIB, Handle, LaunchSpec
 from dispatcher.ports import CellInput
 from dispatcher.runtimes.base import Hardening, Identity, LabelKeys, size_bytes
-from dispatcher.runtimes.docker import DockerOptions, DockerRuntime
+from dispatcher.runtimes.docker import DockerOptions, DockerRuntime, _cgroup_memory
 from dispatcher.runtimes.kubernetes import KubernetesOptions, KubernetesRuntime
 from job_image.contract import Header
 
@@ -120,5 +120,12 @@ def test_docker_samples_memory_from_its_first_unit_on_not_from_watch(docker_clie
     while not (restarted.memory_now(handle) or 0) > 20 * MIB and time.monotonic() < deadline:
         time.sleep(0.1)
     assert 20 * MIB < (restarted.memory_now(handle) or 0) <= 64 * MIB
+    # read from the container's cgroup where this host shows it (no dockerd CPU), else from the stats API:
+    # both say the same
+    cid = docker_client.containers.get(handle.ref).id
+    by_files, by_stats = _cgroup_memory(cid), restarted._stats_memory(cid)
+    if by_files is not None:
+        assert abs(by_files[0] - by_stats[0]) < 4 * MIB and 20 * MIB < by_files[1] <= 64 * MIB
+    assert 20 * MIB < by_stats[0] <= 64 * MIB
     restarted.kill(handle)
     restarted.cleanup(handle)

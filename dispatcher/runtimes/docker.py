@@ -196,20 +196,24 @@ class DockerRuntime(RuntimeBase):
 
     def _sample_forever(self) -> None:
         """Keep the highest memory usage seen per container: the fallback when a job cannot report its own
-        peak (killed at its deadline, crashed hard). On its own thread: a stats call can take a second."""
+        peak (killed at its deadline, crashed hard), and what operators watch live. On its own thread: a stats
+        call can take a second."""
         while True:
             try:
                 for c in self.client.api.containers(filters={"label": f"{LABEL_POOL}={self.options.pool}"}):
-                    stats = cast(dict[str, Any], self.client.api.stats(c["Id"], stream=False, one_shot=True))
-                    mem = stats.get("memory_stats") or {}
-                    seen = int(mem.get("max_usage") or mem.get("usage") or 0)
-                    if seen:
-                        self._peaks[c["Id"]] = max(self._peaks.get(c["Id"], 0), seen)
-                    if mem.get("usage"):
-                        self._now[c["Id"]] = int(mem["usage"])
+                    peak, now = _cgroup_memory(c["Id"]) or self._stats_memory(c["Id"])
+                    if peak:
+                        self._peaks[c["Id"]] = max(self._peaks.get(c["Id"], 0), peak)
+                    if now:
+                        self._now[c["Id"]] = now
             except Exception as e:  # the engine is down or the container just went: try again later
                 log.debug("memory sampling skipped: %s", e)
             time.sleep(self.options.stats_every_s)
+
+    def _stats_memory(self, cid: str) -> tuple[int, int]:
+        """(peak, now) from the engine's stats API: where the container's cgroup is not visible from here."""
+        mem = cast(dict[str, Any], self.client.api.stats(cid, stream=False, one_shot=True)).get("memory_stats") or {}
+        return int(mem.get("max_usage") or mem.get("usage") or 0), int(mem.get("usage") or 0)
 
     def _forget(self, ref: str) -> None:
         self._peaks.pop(ref, None)
@@ -266,3 +270,23 @@ def _age_s(created: str) -> float:
     """Seconds since an engine timestamp (RFC 3339 with nanoseconds, which fromisoformat cannot take)."""
     stamp = re.sub(r"(\.\d{6})\d*", r"\1", created).replace("Z", "+00:00")
     return time.time() - datetime.fromisoformat(stamp).timestamp()
+
+
+# Where a container's memory cgroup is when the dispatcher shares the engine's host (cgroupfs and systemd drivers,
+# v1 and v2). Reading it costs the engine nothing; each stats call costs dockerd CPU (issue 12).
+_CGROUP_DIRS = ("/sys/fs/cgroup/memory/docker/{id}", "/sys/fs/cgroup/memory/system.slice/docker-{id}.scope",
+                "/sys/fs/cgroup/system.slice/docker-{id}.scope", "/sys/fs/cgroup/docker/{id}")
+
+
+def _cgroup_memory(cid: str) -> tuple[int, int] | None:
+    """(peak, now) of a container from its cgroup files, or None where they cannot be read from here."""
+    for template in _CGROUP_DIRS:
+        base = template.format(id=cid)
+        for peak_file, now_file in (("memory.max_usage_in_bytes", "memory.usage_in_bytes"),
+                                    ("memory.peak", "memory.current")):
+            try:
+                with open(f"{base}/{peak_file}") as p, open(f"{base}/{now_file}") as n:
+                    return int(p.read()), int(n.read())
+            except (OSError, ValueError):
+                continue
+    return None
