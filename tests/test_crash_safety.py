@@ -54,7 +54,8 @@ def dispatcher_process(db_url: str, pool: str, tmp_path: Path, name: str, *args:
     env = dict(os.environ, JOBCELL_DATABASE_URL=db_url, JOBCELL_CLASSES=classes_json(), JOBCELL_POOL=pool,
                JOBCELL_LEASE_TTL_S="3", JOBCELL_POLL_INTERVAL_S="0.2",
                JOBCELL_MEMORY_BUDGET="4GiB", JOBCELL_STORE_DIR=str(tmp_path / "store"),
-               JOBCELL_DISPATCHER_ID=name, JOBCELL_BACKOFF_EXPONENT="0")
+               JOBCELL_DISPATCHER_ID=name, JOBCELL_BACKOFF_EXPONENT="0",
+               JOBCELL_CPU_BUDGET="off")  # diagnostic cells only sleep: their tier's slots alone bound them
     log = (tmp_path / f"{name}.log").open("wb")
     return subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "run", *args], env=env, cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
