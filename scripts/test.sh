@@ -19,7 +19,7 @@ echo "$contracts" | tail -n 1
 # (they restart the engine) alone. A pass that selects nothing is fine only if the other ran tests.
 workers=${JOBCELL_TEST_WORKERS:-3}
 set +e
-.venv/bin/python -m pytest -p no:cacheprovider -n "$workers" --dist worksteal -m "not disruptive" "$@"
+.venv/bin/python -m pytest -p no:cacheprovider -n "$workers" --dist load -m "not disruptive" "$@"
 rc1=$?
 .venv/bin/python -m pytest -p no:cacheprovider -m disruptive "$@"
 rc2=$?

@@ -150,11 +150,13 @@ INFRA = {"docker_client", "pg_server", "db_url", "queue", "job_image", "runtime"
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that needs no engine, no database and no image is a unit test: `pytest -m unit` runs them alone.
-    A disruptive test (it restarts the engine) runs last, so that nothing else shares its outage."""
+    A disruptive test (it restarts the engine) runs last, so that nothing else shares its outage; a slow one
+    (minutes of OCR) first, so that parallel workers share out the rest around it rather than wait for it."""
     for item in items:
         if not INFRA & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.unit)
-    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+    items.sort(key=lambda item: (item.get_closest_marker("disruptive") is not None,
+                                 item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(params=["docker", "process", "process-watchdog", "kubernetes", "render", "memory"])

@@ -114,6 +114,7 @@ CORPUS_EXPECT = {
 }
 
 
+@pytest.mark.slow
 def test_every_corpus_document_ends_as_expected(docs):
     documents = sorted(p for p in CORPUS.iterdir() if p.suffix in (".pdf", ".tif", ".png"))
     assert {p.name for p in documents} == set(CORPUS_EXPECT), "the corpus changed: update CORPUS_EXPECT"
@@ -168,6 +169,7 @@ def test_word_accuracy_against_ground_truth(docs, accuracy_report):
     assert any(isinstance(w["conf"], float) and 0 < w["conf"] <= 100 for w in words_)
 
 
+@pytest.mark.slow
 def test_a_150_page_scan_succeeds_in_the_small_tier(docs, tmp_path):
     q = docs.start()
     pdf = scanned_pdf(tmp_path / "scan-150.pdf", 150)
