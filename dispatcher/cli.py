@@ -433,12 +433,12 @@ def cmd_show(s: Settings, a: argparse.Namespace) -> int:
     if done or total is not None:
         print(f"pages: {_pages(done, total)} stored")
     rows = [(r.attempt, r.tier, format_bytes(r.memory_limit_bytes), r.outcome or "running",
-             r.exit_code, format_bytes(r.peak_memory_bytes),
+             r.exit_code, format_bytes(r.peak_memory_bytes), format_bytes(r.need_bytes),
              None if r.duration_s is None else f"{r.duration_s:.1f} s", r.error or r.kill_reason)
             for r in q.attempts(j.id)]
     if rows:
         print()
-        print(_table(rows, ["attempt", "tier", "limit", "outcome", "exit", "peak", "duration", "reason"]))
+        print(_table(rows, ["attempt", "tier", "limit", "outcome", "exit", "peak", "need", "duration", "reason"]))
     return 0
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from .contract import (
     ENV_DOCUMENT_URL,
     ENV_HEADER,
+    EXIT_NEEDS_MORE,
     MAX_HEADER_BYTES,
     BadInput,
     Done,
@@ -95,15 +96,17 @@ class Channel:
     def peak(self, peak_bytes: int) -> None:
         self.emit(Peak(job=self.job, attempt=self.attempt, bytes=peak_bytes))
 
-    def need(self, need_bytes: int, why: str) -> bool:
+    def need(self, need_bytes: int) -> bool:
         """Tell the dispatcher what this cell estimates it needs; True if that is over its cap and a larger tier
-        exists, so that it should stop now and be moved, rather than run into its cap part way."""
+        exists, so that it should stop and be moved (ask_for_more) rather than run into its cap part way."""
         self.emit(Need(job=self.job, attempt=self.attempt, bytes=need_bytes))
-        if not (self.larger_tier and self.limit_bytes and need_bytes > self.limit_bytes):
-            return False
+        return bool(self.larger_tier and self.limit_bytes and need_bytes > self.limit_bytes)
+
+    def ask_for_more(self, need_bytes: int, why: str) -> int:
+        """The cell's last words when it stops for a larger tier: the reason the attempt shows."""
         print(f"needs about {need_bytes / 2**20:.0f} MiB ({why}), over its {self.limit_bytes / 2**20:.0f} MiB cap: "
-              "asking for a larger tier (the pages that fit first)", file=sys.stderr, flush=True)
-        return True
+              "asking for a larger tier", file=sys.stderr, flush=True)
+        return EXIT_NEEDS_MORE
 
     def done(self) -> None:
         self.emit(Done(job=self.job, attempt=self.attempt))

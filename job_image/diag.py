@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from .cell_io import Channel
-from .contract import EXIT_NEEDS_MORE, EXIT_OK, BadInput, DocumentInfo
+from .contract import EXIT_OK, BadInput, DocumentInfo
 
 _STEP = 8 * 1024 * 1024
 
@@ -16,8 +16,9 @@ def run(params: dict[str, Any], channel: Channel) -> int:
     unknown = set(params) - {"alloc_mib", "sleep_s", "exit_code", "message", "step_sleep_s", "need_mib"}
     if unknown:
         raise BadInput(f"diagnostic workload: unknown parameters {sorted(unknown)}")
-    if "need_mib" in params and channel.need(int(float(params["need_mib"]) * 1024 * 1024), "as told"):
-        return EXIT_NEEDS_MORE
+    need = int(float(params.get("need_mib", 0)) * 1024 * 1024)
+    if "need_mib" in params and channel.need(need):
+        return channel.ask_for_more(need, "as told")
     held = []
     remaining = int(float(params.get("alloc_mib", 0)) * 1024 * 1024)
     while remaining > 0:

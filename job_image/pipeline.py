@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .cell_io import Channel
-from .contract import EXIT_NEEDS_MORE, EXIT_OK, BadInput, DocumentInfo, Header, JobOptions, PageResult, Word
+from .contract import EXIT_OK, BadInput, DocumentInfo, Header, JobOptions, PageResult, Word
 from .ocr import PageText, ocr
 from .pages import pending, render
 from .resources import cpus, need_bytes, workers
@@ -39,7 +39,8 @@ def run(header: Header, document: Path, channel: Channel, scratch: Path) -> int:
     todo = list(pending(doc, done))
     largest = max(todo, key=lambda p: p.width * p.height, default=None)
     why = f"page {largest.number} is {largest.width} x {largest.height} px" if largest else "no page left"
-    move_up = channel.need(need_bytes(tuple(todo)), why)
+    need = need_bytes(tuple(todo))
+    move_up = channel.need(need)
     if move_up:  # the pages that fit this cap first; a larger tier resumes at the first that does not
         todo = todo[:next(i for i, p in enumerate(todo) if need_bytes((p,)) > header.memory_limit_bytes)]
     n = workers(tuple(todo) or doc.pages, header.memory_limit_bytes, o.ocr_workers or cpus(header.cpus))
@@ -59,8 +60,8 @@ def run(header: Header, document: Path, channel: Channel, scratch: Path) -> int:
                                     mean_confidence=result.mean_confidence, ocr_seconds=result.seconds))
             print(f"page {page.number}/{len(doc.pages)}: {len(result.words)} words in {result.seconds:.1f} s",
                   file=sys.stderr, flush=True)
-    if move_up:
-        return EXIT_NEEDS_MORE  # no page was rendered past the cap: nothing was lost, nothing ran out
+    if move_up:  # no page was rendered past the cap: nothing was lost, nothing ran out
+        return channel.ask_for_more(need, why)
     channel.done()
     return EXIT_OK
 
