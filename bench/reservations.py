@@ -13,7 +13,8 @@ The backlog is a mix like the shared corpus plus generated scans, every document
   a 6000 x 6000 px poster PNG: small by its bytes, large by its pixels.
 
 Sides, each a real `jobcell run` (Docker runtime) on a database of its own, with JOBCELL_MEMORY_BUDGET=--budget
-and the default CPU admission (one CPU a cell, the engine's CPUs):
+and JOBCELL_CPU_BUDGET=--cpu-budget (default auto: one CPU a cell, the engine's CPUs; a larger number lets
+memory, not CPUs, bound how many cells run):
   by bytes      today: small < 5 MB 512 MiB, medium < 20 MB 768 MiB, large 1 GiB (the default table's shape,
                 its top tier at the budget), sizing off: a cell runs until its cap stops it
   calibrated    the table `jobcell classes --recommend` makes from the by-bytes side's own attempts (its
@@ -168,9 +169,9 @@ def database(admin_url: str) -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
-def report(sides: list[Side], budget: str) -> None:
+def report(sides: list[Side], budget: str, cpu_budget: str) -> None:
     base = sides[0]
-    print(f"\n{base.jobs} documents, memory budget {budget}, CPU admission as by default, on {os.cpu_count()} CPUs\n")
+    print(f"\n{base.jobs} documents, memory budget {budget}, CPU budget {cpu_budget}, on {os.cpu_count()} CPUs\n")
     head = f"{'side':<12} {'docs/h':>7} {'x bytes':>8} {'ok':>4} {'reserve/peak p50':>17} {'OOM retries':>12} " \
            f"{'moved up':>9} {'reserved GiB-s':>15} {'peaked GiB-s':>13}"
     print(head)
@@ -185,6 +186,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", default="1GiB")
     ap.add_argument("--scans", type=int, default=24, help="generated one-page scans in the backlog")
+    ap.add_argument("--cpu-budget", default="auto", help="JOBCELL_CPU_BUDGET of both sides (auto: the CPUs)")
     a = ap.parse_args()
     client = docker.from_env()
     client.images.get(JOB_IMAGE)
@@ -192,15 +194,16 @@ def main() -> int:
         docs = backlog(work / "docs", a.scans)
         print(f"{len(docs)} documents in {work / 'docs'}", flush=True)
         with postgres(client) as admin:
-            first = run_side(Side("by bytes", BY_BYTES, sizing=False), database(admin), docs, a.budget, work)
+            cpu = {"JOBCELL_CPU_BUDGET": a.cpu_budget}
+            first = run_side(Side("by bytes", BY_BYTES, sizing=False, env=cpu), database(admin), docs, a.budget, work)
             print(f"done: {first.name} in {first.wall_s:.0f} s", flush=True)
             cal = recommend(load_table(BY_BYTES), first.samples, Policy(min_samples=3))
             table = [c.model_dump(exclude_none=True) for c in cal.table.classes]
             print("calibrated: " + ", ".join(f"{r.name} {r.recommended_bytes // MIB} MiB ({r.note})"
                                              for r in cal.classes), flush=True)
-            second = run_side(Side("calibrated", table, sizing=True), database(admin), docs, a.budget, work)
+            second = run_side(Side("calibrated", table, sizing=True, env=cpu), database(admin), docs, a.budget, work)
             print(f"done: {second.name} in {second.wall_s:.0f} s", flush=True)
-    report([first, second], a.budget)
+    report([first, second], a.budget, a.cpu_budget)
     return 0 if all(s.succeeded == s.jobs for s in (first, second)) else 1
 
 
